@@ -1,0 +1,51 @@
+"""Surrogate distillation / model extraction: a fresh student of any architecture trained on
+the marked model's outputs over the attacker split (whose true labels it never uses)."""
+
+from __future__ import annotations
+
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from harness.attacks import Attack, register
+from harness.errors import ConfigError
+from harness.training import fit, kd_loss, predict_logits
+
+
+class DistillParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    student_arch: str | None = Field(None, description="timm / model_zoo name; default: the victim's")
+    epochs: int = Field(5, ge=1)
+    lr: float | None = Field(None, gt=0, description="default: train.lr")
+    temperature: float = Field(4.0, gt=0)
+    hard_labels: bool = False
+    query_budget: int | None = Field(None, ge=1, description="max attacker images queried")
+
+    @field_validator("student_arch")
+    @classmethod
+    def _known_arch(cls, v: str | None) -> str | None:
+        from model_zoo import check_arch
+
+        if v is not None:
+            try:
+                check_arch(v)
+            except ConfigError as e:
+                raise ValueError(str(e)) from None
+        return v
+
+
+@register("distill")
+class Distill(Attack):
+    Params = DistillParams
+
+    def apply(self, model, ctx):
+        p = self.params
+        data = ctx.data.attacker.take(p.query_budget, seed=ctx.seed)
+        teacher_logits = predict_logits(model, data.x, ctx.device)
+        spec = ctx.spec.replace(arch=p.student_arch or ctx.spec.arch)
+        student = ctx.create_model(spec)
+        if p.hard_labels:
+            targets, loss = teacher_logits.argmax(1), F.cross_entropy
+        else:
+            targets, loss = teacher_logits, kd_loss(p.temperature)
+        fit(student, data.x, targets, ctx.train, ctx.device, ctx.seed, lr=p.lr, loss_fn=loss)
+        return student, spec

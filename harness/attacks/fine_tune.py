@@ -1,0 +1,44 @@
+"""Fine-tuning removal attacks on the attacker's split: FTLL, FTAL, RTLL, RTAL (WRT's names).
+
+FT* keep the head, RT* re-initialise it first; *LL trains the last layer only (features and
+BatchNorm statistics frozen), *AL trains all layers.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from harness.attacks import Attack, register
+from harness.training import fit
+
+
+class FineTuneParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    mode: Literal["ftll", "ftal", "rtll", "rtal"] = "ftal"
+    epochs: int = Field(2, ge=1)
+    lr: float = Field(0.01, gt=0)
+    data_fraction: float = Field(1.0, gt=0, le=1, description="share of the attacker split used")
+
+
+def attacker_subset(ctx, fraction: float):
+    split = ctx.data.attacker
+    return split.take(max(1, round(fraction * len(split))), seed=ctx.seed)
+
+
+@register("fine_tune")
+class FineTune(Attack):
+    Params = FineTuneParams
+
+    def apply(self, model, ctx):
+        p = self.params
+        if p.mode.startswith("rt"):
+            model.reset_classifier(ctx.spec.num_classes)
+            model.to(ctx.device)
+        last_layer = p.mode.endswith("ll")
+        params = model.get_classifier().parameters() if last_layer else None
+        data = attacker_subset(ctx, p.data_fraction)
+        fit(model, data.x, data.y, ctx.train, ctx.device, ctx.seed, params=params,
+            epochs=p.epochs, lr=p.lr, freeze_bn=last_layer)
+        return model, ctx.spec

@@ -1,0 +1,248 @@
+"""Scenario schema (pydantic, extra="forbid"), YAML loading with `include:`, grid expansion.
+
+Every error a user can make in a scenario surfaces here as a ConfigError naming the file, the
+field path, the bad value and what is allowed, before any Ray task is started.
+"""
+
+from __future__ import annotations
+
+import itertools
+import typing
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from harness.errors import ConfigError
+
+STAGES = ("train", "embed", "attack", "verify")
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DatasetCfg(Strict):
+    name: str = "digits"
+    image_size: int = Field(32, ge=8, le=1024)
+    channels: Literal[1, 3] = 3
+    root: str | None = None
+    download: bool = False
+    test_fraction: float = Field(0.2, gt=0, lt=1)
+    attacker_fraction: float = Field(1 / 3, gt=0, lt=1)
+    split_seed: int = 0
+    samples: int = Field(1000, ge=10, description="synthetic only: number of images")
+    num_classes: int = Field(10, ge=2, description="synthetic only: number of classes")
+
+
+class TrainCfg(Strict):
+    epochs: int = Field(5, ge=1)
+    batch_size: int = Field(64, ge=1)
+    lr: float = Field(0.05, gt=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    weight_decay: float = Field(5e-4, ge=0)
+    optimizer: Literal["sgd", "adam"] = "sgd"
+    augment: bool = False
+    amp: bool = True
+
+
+class StageResources(Strict):
+    num_cpus: float = Field(1, ge=0)
+    num_gpus: float = Field(0, ge=0)
+
+    @field_validator("num_gpus")
+    @classmethod
+    def _whole_above_one(cls, v: float) -> float:
+        if v > 1 and not float(v).is_integer():
+            raise ValueError("num_gpus above 1 must be a whole number (Ray packs only fractions < 1)")
+        return v
+
+
+class Resources(Strict):
+    train: StageResources = StageResources()
+    embed: StageResources | None = None
+    attack: StageResources = StageResources()
+    verify: StageResources = StageResources()
+
+    def for_stage(self, stage: str) -> StageResources:
+        """Embedding is usually a training job: it takes the train resources unless told."""
+        if stage == "embed":
+            return self.embed or self.train
+        return getattr(self, stage)
+
+
+class ComponentCfg(Strict):
+    """A method or attack: a bare name, or {name, params}; list values expand the grid."""
+
+    name: str
+    params: dict[str, Any] = {}
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_name(cls, data: Any) -> Any:
+        return {"name": data} if isinstance(data, str) else data
+
+
+class Scenario(Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    description: str = ""
+    dataset: DatasetCfg = DatasetCfg()
+    train: TrainCfg = TrainCfg()
+    seeds: list[int] = Field([0], min_length=1)
+    archs: list[str] = Field(min_length=1)
+    methods: list[ComponentCfg] = Field(min_length=1)
+    attacks: list[ComponentCfg] = Field(min_length=1)
+    resources: Resources = Resources()
+    max_in_flight: int | None = Field(None, ge=1)
+    max_retries: int = Field(2, ge=0)
+    reported: dict[str, Any] = {}
+
+
+def _field_path(loc: tuple) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def _inner_model(annotation: Any) -> type[BaseModel] | None:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in typing.get_args(annotation):
+        if (found := _inner_model(arg)) is not None:
+            return found
+    return None
+
+
+def _model_at(model: type[BaseModel] | None, loc: tuple) -> type[BaseModel] | None:
+    for part in loc:
+        if model is None or isinstance(part, int):
+            continue
+        field = model.model_fields.get(part)
+        model = _inner_model(field.annotation) if field else None
+    return model
+
+
+def _from_validation(
+    err: ValidationError, file: str | None, root: type[BaseModel], prefix: str | None = None
+) -> ConfigError:
+    """The first pydantic error as a ConfigError; unknown keys list the known ones."""
+    from harness.registry import close_match
+
+    first = err.errors()[0]
+    loc = tuple(first["loc"])
+    path = ".".join(p for p in (prefix, _field_path(loc)) if p)
+    allowed = hint = None
+    if first["type"] == "extra_forbidden":
+        model = _model_at(root, loc[:-1])
+        allowed = sorted(model.model_fields) if model else None
+        hint = close_match(str(loc[-1]), allowed) if allowed else None
+    msg = first["msg"].removeprefix("Value error, ")
+    return ConfigError(msg, file=file, field=path, value=first.get("input"), allowed=allowed, hint=hint)
+
+
+def expand_params(params: dict[str, Any], params_model: type[BaseModel]) -> list[dict[str, Any]]:
+    """Cartesian product over list values; a list-typed field expands only on a list of lists."""
+    axes: list[list[Any]] = []
+    for key, value in params.items():
+        field = params_model.model_fields.get(key)
+        list_typed = field is not None and _is_list_type(field.annotation)
+        if isinstance(value, list) and (not list_typed or (value and isinstance(value[0], list))):
+            if not value:
+                raise ConfigError("an empty list expands to no cells", field=key, value=value)
+            axes.append(value)
+        else:
+            axes.append([value])
+    return [dict(zip(params, combo, strict=True)) for combo in itertools.product(*axes)]
+
+
+def _is_list_type(annotation: Any) -> bool:
+    origins = {typing.get_origin(a) for a in (annotation, *typing.get_args(annotation))}
+    return bool(origins & {list, tuple})
+
+
+def resolve_component(comp: ComponentCfg, registry, field: str, file: str | None) -> list[dict]:
+    """Validated, default-filled parameter dicts for every grid point of one component."""
+    try:
+        cls = registry.get(comp.name)
+    except ConfigError as e:
+        raise e.with_location(file, f"{field}.name") from None
+    out = []
+    try:
+        grid = expand_params(comp.params, cls.Params)
+    except ConfigError as e:
+        raise e.with_location(file, f"{field}.params") from None
+    for point in grid:
+        try:
+            out.append(cls.Params(**point).model_dump(mode="json"))
+        except ValidationError as e:
+            raise _from_validation(e, file, cls.Params, f"{field}.params") from None
+    return out
+
+
+def _read_yaml(path: Path) -> dict:
+    try:
+        data = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError("scenario file not found", file=str(path)) from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(f"not valid YAML{where}: {getattr(e, 'problem', e)}", file=str(path)) from None
+    if not isinstance(data, dict):
+        raise ConfigError("a scenario must be a YAML mapping", file=str(path), value=type(data).__name__)
+    return data
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for key, value in over.items():
+        both_dicts = isinstance(value, dict) and isinstance(out.get(key), dict)
+        out[key] = _merge(out[key], value) if both_dicts else value
+    return out
+
+
+def load_yaml_with_includes(path: Path, _seen: tuple = ()) -> dict:
+    """`include: [a.yaml, ...]` merges those files first (paths relative to this one)."""
+    if path.resolve() in _seen:
+        raise ConfigError("include cycle", file=str(path))
+    data = _read_yaml(path)
+    includes = data.pop("include", [])
+    merged: dict = {}
+    for inc in [includes] if isinstance(includes, str) else includes:
+        merged = _merge(merged, load_yaml_with_includes(path.parent / inc, (*_seen, path.resolve())))
+    return _merge(merged, data)
+
+
+def parse_scenario(data: dict, file: str | None = None) -> Scenario:
+    try:
+        return Scenario.model_validate(data)
+    except ValidationError as e:
+        raise _from_validation(e, file, Scenario) from None
+
+
+def load_scenario(path: str | Path) -> Scenario:
+    """Parse and fully check a scenario file: schema, names, parameters, data availability."""
+    path = Path(path)
+    scenario = parse_scenario(load_yaml_with_includes(path), str(path))
+    check_scenario(scenario, str(path))
+    return scenario
+
+
+def check_scenario(scenario: Scenario, file: str | None = None) -> None:
+    from harness import data
+    from harness.cells import expand_cells
+    from model_zoo import check_arch
+
+    for i, arch in enumerate(scenario.archs):
+        try:
+            check_arch(arch)
+        except ConfigError as e:
+            raise e.with_location(file, f"archs[{i}]") from None
+    try:
+        data.check_dataset(scenario.dataset)
+    except ConfigError as e:
+        raise e.with_location(file, None if e.field else "dataset.name") from None
+    expand_cells(scenario, file)
+

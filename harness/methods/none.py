@@ -1,0 +1,14 @@
+"""The control: no watermark, nothing to verify."""
+
+from __future__ import annotations
+
+from harness.methods import Method, WatermarkScore, register
+
+
+@register("none")
+class NoWatermark(Method):
+    def embed(self, victim, ctx, null_models):
+        return victim, {}
+
+    def verify(self, model, key, ctx) -> WatermarkScore:
+        return WatermarkScore(score=None, detected=False)

@@ -1,0 +1,190 @@
+"""The four stages of a cell as plain functions (no Ray here; `scheduler` distributes them).
+
+Each stage reads its inputs from, and writes its output to, the artifact store under its
+content key, so a finished stage is never computed twice. A stage returns a small `meta`
+dict that downstream stages receive; a deterministic failure is returned as a meta with
+`failed: True` (never raised) so that every cell ends as a row, while `TransientError`
+propagates for Ray to retry.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import socket
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import asdict
+from typing import Any
+
+from harness import __version__
+from harness.artifacts import ArtifactStore
+from harness.attacks import create_attack
+from harness.cells import Cell, canonical
+from harness.config import DatasetCfg, TrainCfg
+from harness.context import Context
+from harness.data import load_splits
+from harness.errors import TransientError
+from harness.methods import create_method
+from harness.training import accuracy, seed_everything, train_classifier
+from model_zoo import ModelSpec
+
+WRT_MAX_TASK_DROP = 0.05  # WRT: a removal counts only if task accuracy drops by less than this
+
+
+def _failed(metas: tuple[dict, ...]) -> dict | None:
+    return next((m for m in metas if m.get("failed")), None)
+
+
+def stage(name: str) -> Callable:
+    """Cache lookup, upstream-failure short-circuit, timing, and failure capture."""
+
+    def decorate(fn: Callable) -> Callable:
+        @functools.wraps(fn)
+        def run(cell: dict, key: str, store: str, device: str, *upstream: dict) -> dict:
+            if (bad := _failed(upstream)) is not None:
+                return bad
+            artifacts = ArtifactStore(store)
+            if artifacts.has(name, key):
+                return {**artifacts.load_meta(name, key), "cached": True}
+            start = time.perf_counter()
+            try:
+                meta = fn(Cell.from_dict(cell), key, artifacts, device, *upstream)
+            except TransientError:
+                raise
+            except Exception as e:  # noqa: BLE001 - deterministic failures become rows
+                return {"failed": True, "error": f"{name}: {type(e).__name__}: {e}",
+                        "traceback": traceback.format_exc(limit=8)}
+            return {**meta, "cached": False, "seconds": time.perf_counter() - start}
+
+        run.stage_name = name
+        return run
+
+    return decorate
+
+
+def _context(cell: Cell, device: str, spec: ModelSpec | None = None) -> Context:
+    dataset = DatasetCfg(**cell.dataset)
+    data = load_splits(dataset)
+    spec = spec or ModelSpec(cell.arch, data.num_classes, data.channels, data.image_size)
+    return Context(data=data, train=TrainCfg(**cell.train), spec=spec, device=device, seed=cell.seed)
+
+
+@stage("train_victim")
+def train_victim(cell: Cell, key: str, artifacts: ArtifactStore, device: str) -> dict:
+    ctx = _context(cell, device)
+    seed_everything(cell.seed)
+    model = ctx.create_model()
+    stats = train_classifier(model, ctx.data.owner, ctx.train, device, cell.seed)
+    meta = {"spec": ctx.spec.to_dict(), "task_score": accuracy(model, ctx.data.test, device),
+            "train": stats}
+    return artifacts.save("train_victim", key, meta, model=model)
+
+
+@stage("embed")
+def embed(cell: Cell, key: str, artifacts: ArtifactStore, device: str, victim: dict, *nulls: dict) -> dict:
+    ctx = _context(cell, device)
+    model, _ = artifacts.load_model(victim, device)
+    null_models = [artifacts.load_model(m, device)[0] for m in nulls]
+    method = create_method(cell.method, cell.method_params)
+    seed_everything(cell.seed)
+    marked, secret = method.embed(model, ctx, null_models)
+    score = method.verify(marked, secret, ctx)
+    meta = {"spec": victim["spec"], "task_score": accuracy(marked, ctx.data.test, device),
+            "wm": asdict(score)}
+    if marked is model and not _changed(victim, marked, artifacts):
+        return artifacts.save("embed", key, meta, model_ref=tuple(victim["model_ref"]), secret=secret)
+    return artifacts.save("embed", key, meta, model=marked, secret=secret)
+
+
+def _changed(meta: dict, model, artifacts: ArtifactStore) -> bool:
+    """Whether `model` differs from the stored weights `meta` points to (methods may edit in place)."""
+    stored, _ = artifacts.load_model(meta)
+    ref, new = stored.state_dict(), model.state_dict()
+    return any(not ref[k].equal(new[k].detach().cpu()) for k in ref)
+
+
+@stage("attack")
+def attack(cell: Cell, key: str, artifacts: ArtifactStore, device: str, marked: dict) -> dict:
+    model, spec = artifacts.load_model(marked, device)
+    ctx = _context(cell, device, spec)
+    seed_everything(cell.seed)
+    attacked, out_spec = create_attack(cell.attack, cell.attack_params).apply(model, ctx)
+    meta = {"spec": out_spec.to_dict()}
+    if attacked is model and not _changed(marked, attacked, artifacts):
+        return artifacts.save("attack", key, meta, model_ref=tuple(marked["model_ref"]))
+    return artifacts.save("attack", key, meta, model=attacked)
+
+
+def verify(cell: dict, store: str, device: str, run: dict, victim: dict, marked: dict, attacked: dict) -> dict:
+    """The row of a cell (also for a failed one); written to the results store by the caller."""
+    c = Cell.from_dict(cell)
+    row = _base_row(c, device, run)
+    bad = _failed((victim, marked, attacked))
+    start = time.perf_counter()
+    try:
+        if bad is None:
+            row.update(_measure(c, store, device, victim, marked, attacked))
+    except TransientError:
+        raise
+    except Exception as e:  # noqa: BLE001
+        bad = {"error": f"verify: {type(e).__name__}: {e}"}
+    if bad is not None:
+        row.update(status="failed", error=bad["error"])
+    seconds = {m["stage"]: m["seconds"] for m in (victim, marked, attacked) if "stage" in m and "seconds" in m}
+    seconds["verify"] = time.perf_counter() - start
+    row.update(stage_seconds=seconds, duration_s=sum(seconds.values()))
+    return row
+
+
+def _base_row(c: Cell, device: str, run: dict) -> dict[str, Any]:
+    return {
+        "cell_id": c.cell_id, "run_id": run.get("run_id"), "scenario": c.scenario,
+        "dataset": c.dataset["name"], "arch": c.arch, "method": c.method,
+        "method_params": canonical(c.method_params), "attack": c.attack,
+        "attack_params": canonical(c.attack_params), "seed": c.seed, "status": "ok",
+        "node": socket.gethostname(), "device": device, "harness_version": __version__,
+        "git_sha": run.get("git_sha"), "task_metric": "accuracy", "wm_detected": False,
+    }
+
+
+def _measure(c: Cell, store: str, device: str, victim: dict, marked: dict, attacked: dict) -> dict:
+    artifacts = ArtifactStore(store)
+    model, spec = artifacts.load_model(attacked, device)
+    ctx = _context(c, device, spec)
+    method = create_method(c.method, c.method_params)
+    secret = artifacts.load_secret("embed", marked["key"]) if method.wm_metric else {}
+    score = method.verify(model, secret, ctx)
+    out = {
+        "task_score_clean": victim["task_score"],
+        "task_score_marked": marked["task_score"],
+        "task_score_attacked": accuracy(model, ctx.data.test, device),
+        "wm_metric": method.wm_metric,
+        "wm_score_marked": marked["wm"]["score"],
+        "wm_score_attacked": score.score,
+        "wm_threshold": score.threshold,
+        "wm_detected": bool(score.detected),
+    }
+    metrics = dict(score.metrics)
+    if method.wm_metric:
+        drop = out["task_score_marked"] - out["task_score_attacked"]
+        removed = marked["wm"]["detected"] and not score.detected and drop < WRT_MAX_TASK_DROP
+        metrics.update(wm_detected_marked=float(marked["wm"]["detected"]), wm_removed=float(removed))
+    out["metrics"] = {k: float(v) for k, v in metrics.items() if v is not None and math.isfinite(v)}
+    return out
+
+
+def run_cell(cell: Cell, store: str, device: str = "cpu", run: dict | None = None) -> dict:
+    """All stages of one cell in this process (tests, debugging); writes and returns its row."""
+    from results.store import write_row
+
+    d = cell.to_dict()
+    victim = train_victim(d, cell.victim_key(), store, device)
+    nulls = [train_victim(cell.with_seed(s).to_dict(), cell.victim_key(s), store, device) for s in cell.null_seeds()]
+    marked = embed(d, cell.embed_key(), store, device, victim, *nulls)
+    attacked = attack(d, cell.attack_key(), store, device, marked)
+    row = verify(d, store, device, run or {}, victim, marked, attacked)
+    write_row(store, row)
+    return row
+

@@ -1,0 +1,94 @@
+"""Networks only: `create_model` over timm (never pretrained) plus the project's own nets."""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import asdict, dataclass
+
+import timm
+import torch.nn as nn
+
+from harness.errors import UnknownNameError
+from harness.registry import Registry, close_match
+
+OWN_MODELS: Registry = Registry("model_zoo network")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Everything needed to rebuild a network before loading its weights."""
+
+    arch: str
+    num_classes: int
+    in_chans: int
+    img_size: int
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def replace(self, **changes) -> ModelSpec:
+        return ModelSpec(**{**self.to_dict(), **changes})
+
+
+@functools.lru_cache(maxsize=1)
+def _timm_names() -> frozenset[str]:
+    return frozenset(timm.list_models())
+
+
+def list_archs() -> list[str]:
+    return sorted(_timm_names() | set(OWN_MODELS.list()))
+
+
+def check_arch(name: str) -> None:
+    if name in OWN_MODELS or name in _timm_names():
+        return
+    raise UnknownNameError(
+        "unknown architecture (any timm model name or a model_zoo network)",
+        value=name,
+        hint=close_match(name, list_archs()),
+        allowed=f"timm.list_models() ({len(_timm_names())} names) or {OWN_MODELS.list()}",
+    )
+
+
+def _fixed_input_size(name: str) -> bool:
+    cfg = timm.models.get_pretrained_cfg(name)
+    return bool(cfg and cfg.fixed_input_size)
+
+
+def create_model(spec: ModelSpec) -> nn.Module:
+    """A freshly initialised network; `img_size` goes to timm only where its input is fixed."""
+    check_arch(spec.arch)
+    if spec.arch in OWN_MODELS:
+        return OWN_MODELS.get(spec.arch)(spec)
+    kwargs = {"img_size": spec.img_size} if _fixed_input_size(spec.arch) else {}
+    return timm.create_model(
+        spec.arch, pretrained=False, num_classes=spec.num_classes, in_chans=spec.in_chans, **kwargs
+    )
+
+
+@OWN_MODELS.register("lenet")
+def lenet(spec: ModelSpec) -> nn.Module:
+    """LeNet-5-style CNN: the fastest real classifier for CPU tests (any input size >= 8)."""
+    return LeNet(spec.in_chans, spec.num_classes)
+
+
+class LeNet(nn.Module):
+    def __init__(self, in_chans: int, num_classes: int) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(in_chans, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(16, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(), nn.AdaptiveAvgPool2d(4),
+            nn.Flatten(), nn.Linear(32 * 16, 64), nn.ReLU(),
+        )
+        self.num_classes = num_classes
+        self.fc = nn.Linear(64, num_classes)
+
+    def forward(self, x):
+        return self.fc(self.features(x))
+
+    def get_classifier(self) -> nn.Module:
+        return self.fc
+
+    def reset_classifier(self, num_classes: int) -> None:
+        self.num_classes = num_classes
+        self.fc = nn.Linear(64, num_classes)

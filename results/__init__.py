@@ -1,0 +1,5 @@
+"""Results: the versioned Arrow schema, the Parquet store, analysis helpers and reports."""
+
+from results.store import load
+
+__all__ = ["load"]

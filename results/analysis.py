@@ -1,0 +1,52 @@
+"""Analysis helpers over the results DataFrame (pandas); DuckDB / Polars read the same files."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+
+
+def varying_params(df: pd.DataFrame, name_col: str, params_col: str) -> dict[str, list[str]]:
+    """Per attack (or method) name, the parameter keys that take more than one value."""
+    out: dict[str, list[str]] = {}
+    for name, group in df.groupby(name_col):
+        params = [json.loads(p or "{}") for p in group[params_col]]
+        keys = sorted({k for p in params for k in p})
+        out[name] = [k for k in keys if len({json.dumps(p.get(k)) for p in params}) > 1]
+    return out
+
+
+def label(df: pd.DataFrame, name_col: str, params_col: str) -> pd.Series:
+    """'fine_tune(mode=rtal)': the name plus only the parameters that vary in this frame."""
+    vary = varying_params(df, name_col, params_col)
+
+    def one(name: str, params: str) -> str:
+        p = json.loads(params or "{}")
+        shown = ",".join(f"{k}={p.get(k)}" for k in vary.get(name, []))
+        return f"{name}({shown})" if shown else name
+
+    return pd.Series([one(n, p) for n, p in zip(df[name_col], df[params_col], strict=True)], index=df.index)
+
+
+def summary(df: pd.DataFrame, by: tuple[str, ...] = ("method", "attack")) -> pd.DataFrame:
+    """Mean scores per group over archs and seeds: the method x attack table."""
+    if df.empty:
+        return pd.DataFrame()
+    df = df.assign(method=label(df, "method", "method_params"), attack=label(df, "attack", "attack_params"))
+    removed = df["metrics"].map(lambda m: (m or {}).get("wm_removed"))
+    df = df.assign(wm_removed=pd.to_numeric(removed), ok=df["status"].eq("ok"),
+                   wm_detected=df["wm_detected"].astype(float))
+    agg = df.groupby(list(by), sort=False).agg(
+        cells=("cell_id", "size"),
+        failed=("ok", lambda s: int((~s).sum())),
+        task_clean=("task_score_clean", "mean"),
+        task_marked=("task_score_marked", "mean"),
+        task_attacked=("task_score_attacked", "mean"),
+        wm_marked=("wm_score_marked", "mean"),
+        wm_attacked=("wm_score_attacked", "mean"),
+        wm_threshold=("wm_threshold", "mean"),
+        detected=("wm_detected", "mean"),
+        removed=("wm_removed", "mean"),
+    )
+    return agg.reset_index()
