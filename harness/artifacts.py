@@ -104,7 +104,9 @@ class ArtifactStore:
     def load_model(self, meta: dict[str, Any], device: str = "cpu") -> tuple[nn.Module, ModelSpec]:
         spec = ModelSpec(**meta["spec"])
         model = create_model(spec)
-        model.load_state_dict(_from_bytes(read_bytes(self.fs, self.path(*meta["model_ref"], "model.pt"))))
+        model.load_state_dict(
+            _from_bytes(read_bytes(self.fs, self.path(*meta["model_ref"], "model.pt")))
+        )
         return model.to(device).eval(), spec
 
     def load_secret(self, stage: str, key: str) -> dict[str, Any]:

@@ -87,7 +87,10 @@ def expand_cells(scenario, file: str | None = None) -> list[Cell]:
         for i, a in enumerate(scenario.attacks)
         for p in resolve_component(a, ATTACKS, f"attacks[{i}]", file)
     ]
-    dataset, train = scenario.dataset.model_dump(mode="json"), scenario.train.model_dump(mode="json")
+    dataset, train = (
+        scenario.dataset.model_dump(mode="json"),
+        scenario.train.model_dump(mode="json"),
+    )
     cells = [
         Cell(scenario.name, dataset, train, arch, m, mp, a, ap, seed)
         for arch in scenario.archs

@@ -55,7 +55,9 @@ class StageResources(Strict):
     @classmethod
     def _whole_above_one(cls, v: float) -> float:
         if v > 1 and not float(v).is_integer():
-            raise ValueError("num_gpus above 1 must be a whole number (Ray packs only fractions < 1)")
+            raise ValueError(
+                "num_gpus above 1 must be a whole number (Ray packs only fractions < 1)"
+            )
         return v
 
 
@@ -139,7 +141,9 @@ def _from_validation(
         allowed = sorted(model.model_fields) if model else None
         hint = close_match(str(loc[-1]), allowed) if allowed else None
     msg = first["msg"].removeprefix("Value error, ")
-    return ConfigError(msg, file=file, field=path, value=first.get("input"), allowed=allowed, hint=hint)
+    return ConfigError(
+        msg, file=file, field=path, value=first.get("input"), allowed=allowed, hint=hint
+    )
 
 
 def expand_params(params: dict[str, Any], params_model: type[BaseModel]) -> list[dict[str, Any]]:
@@ -189,9 +193,13 @@ def _read_yaml(path: Path) -> dict:
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise ConfigError(f"not valid YAML{where}: {getattr(e, 'problem', e)}", file=str(path)) from None
+        raise ConfigError(
+            f"not valid YAML{where}: {getattr(e, 'problem', e)}", file=str(path)
+        ) from None
     if not isinstance(data, dict):
-        raise ConfigError("a scenario must be a YAML mapping", file=str(path), value=type(data).__name__)
+        raise ConfigError(
+            "a scenario must be a YAML mapping", file=str(path), value=type(data).__name__
+        )
     return data
 
 
@@ -211,7 +219,9 @@ def load_yaml_with_includes(path: Path, _seen: tuple = ()) -> dict:
     includes = data.pop("include", [])
     merged: dict = {}
     for inc in [includes] if isinstance(includes, str) else includes:
-        merged = _merge(merged, load_yaml_with_includes(path.parent / inc, (*_seen, path.resolve())))
+        merged = _merge(
+            merged, load_yaml_with_includes(path.parent / inc, (*_seen, path.resolve()))
+        )
     return _merge(merged, data)
 
 
@@ -245,4 +255,3 @@ def check_scenario(scenario: Scenario, file: str | None = None) -> None:
     except ConfigError as e:
         raise e.with_location(file, None if e.field else "dataset.name") from None
     expand_cells(scenario, file)
-

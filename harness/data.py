@@ -65,7 +65,9 @@ def _to_uint8(images: torch.Tensor, size: int, channels: int) -> torch.Tensor:
     if images.shape[-1] != size or images.shape[-2] != size:
         images = F.interpolate(images, size=(size, size), mode="bilinear", align_corners=False)
     if images.shape[1] != channels:
-        images = images.mean(1, keepdim=True) if channels == 1 else images.expand(-1, channels, -1, -1)
+        images = (
+            images.mean(1, keepdim=True) if channels == 1 else images.expand(-1, channels, -1, -1)
+        )
     return (images.clamp(0, 1) * 255).round().to(torch.uint8)
 
 
@@ -76,7 +78,9 @@ def load_digits(cfg) -> RawData:
 
     bunch = sk_digits()
     x = torch.from_numpy(bunch.images.astype(np.float32) / 16.0).unsqueeze(1)
-    return RawData(_to_uint8(x, cfg.image_size, cfg.channels), torch.from_numpy(bunch.target).long(), 10)
+    return RawData(
+        _to_uint8(x, cfg.image_size, cfg.channels), torch.from_numpy(bunch.target).long(), 10
+    )
 
 
 @DATASETS.register("synthetic")
@@ -87,13 +91,17 @@ def load_synthetic(cfg) -> RawData:
     protos = torch.rand(cfg.num_classes, cfg.channels, low, low, generator=g)
     protos = F.interpolate(protos, size=(cfg.image_size,) * 2, mode="nearest")
     y = torch.arange(cfg.samples) % cfg.num_classes
-    x = protos[y] + 0.15 * torch.randn(cfg.samples, cfg.channels, cfg.image_size, cfg.image_size, generator=g)
+    x = protos[y] + 0.15 * torch.randn(
+        cfg.samples, cfg.channels, cfg.image_size, cfg.image_size, generator=g
+    )
     return RawData(_to_uint8(x, cfg.image_size, cfg.channels), y.long(), cfg.num_classes)
 
 
 def _require_root(cfg) -> Path:
     if cfg.root is None:
-        raise ConfigError(f"dataset {cfg.name!r} needs a root folder", field="dataset.root", value=None)
+        raise ConfigError(
+            f"dataset {cfg.name!r} needs a root folder", field="dataset.root", value=None
+        )
     root = Path(cfg.root).expanduser()
     if not root.exists() and not cfg.download:
         raise ConfigError(
@@ -137,7 +145,9 @@ def load_imagefolder(cfg) -> RawData:
     from torchvision.datasets import ImageFolder
 
     root = _require_root(cfg)
-    tf = transforms.Compose([transforms.Resize((cfg.image_size, cfg.image_size)), transforms.PILToTensor()])
+    tf = transforms.Compose(
+        [transforms.Resize((cfg.image_size, cfg.image_size)), transforms.PILToTensor()]
+    )
 
     def tensors(path):
         ds = ImageFolder(str(path), transform=tf)

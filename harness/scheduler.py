@@ -33,8 +33,13 @@ def connect(address: str | None = None, num_cpus: int | None = None) -> None:
     if ray.is_initialized():
         return
     if address is None:
-        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False,
-                 dashboard_host="127.0.0.1")
+        ray.init(
+            address="local",
+            num_cpus=num_cpus,
+            include_dashboard=False,
+            log_to_driver=False,
+            dashboard_host="127.0.0.1",
+        )
     else:
         ray.init(address=address, log_to_driver=False)
 
@@ -70,26 +75,38 @@ def _noop_verify(cell: dict, store: str, device: str, run: dict, *upstream: dict
 
 
 EXECUTORS: dict[str, dict[str, Callable]] = {
-    "real": {"train_victim": stages.train_victim, "embed": stages.embed, "attack": stages.attack,
-             "verify": stages.verify},
-    "noop": {"train_victim": _noop_stage, "embed": _noop_stage, "attack": _noop_stage,
-             "verify": _noop_verify},
+    "real": {
+        "train_victim": stages.train_victim,
+        "embed": stages.embed,
+        "attack": stages.attack,
+        "verify": stages.verify,
+    },
+    "noop": {
+        "train_victim": _noop_stage,
+        "embed": _noop_stage,
+        "attack": _noop_stage,
+        "verify": _noop_verify,
+    },
 }
 
 
 @ray.remote
-def stage_task(executor: str, stage: str, cell: dict, key: str, store: str, *upstream: dict) -> dict:
+def stage_task(
+    executor: str, stage: str, cell: dict, key: str, store: str, *upstream: dict
+) -> dict:
     _inject_fault(stage)
     return EXECUTORS[executor][stage](cell, key, store, _device(), *upstream)
 
 
 @ray.remote
-def verify_task(executor: str, cell: dict, store: str, run: dict, *upstream: dict) -> dict:
+def verify_task(
+    executor: str, stage: str, cell: dict, cell_id: str, store: str, run: dict, *upstream: dict
+) -> dict:
     _inject_fault("verify")
     row = EXECUTORS[executor]["verify"](cell, store, _device(), run, *upstream)
     if executor == "real":
         write_row(store, row)
-    return {"cell_id": row["cell_id"], "status": row["status"], "error": row.get("error")}
+    return {"cell_id": cell_id, "status": row["status"], "error": row.get("error")}
 
 
 @ray.remote(num_cpus=0)
@@ -113,7 +130,9 @@ class RunSummary:
 
 def git_sha() -> str | None:
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5
+        )
     except (OSError, subprocess.SubprocessError):
         return None
     return out.stdout.strip() or None
@@ -122,36 +141,58 @@ def git_sha() -> str | None:
 class StageGraph:
     """Submits each distinct stage key once and hands out its ObjectRef."""
 
-    def __init__(self, store: str, resources: Resources, max_retries: int, executor: str,
-                 env: dict[str, str] | None) -> None:
+    def __init__(
+        self,
+        store: str,
+        resources: Resources,
+        max_retries: int,
+        executor: str,
+        env: dict[str, str] | None,
+    ) -> None:
         self.store, self.executor, self.refs = store, executor, {}
         runtime_env = {"env_vars": env} if env else None
-        self.options = {}
-        for stage, res in (("train_victim", "train"), ("embed", "embed"), ("attack", "attack"),
-                           ("verify", "verify")):
+        self.tasks: dict[str, object] = {}
+        for stage, res in (
+            ("train_victim", "train"),
+            ("embed", "embed"),
+            ("attack", "attack"),
+            ("verify", "verify"),
+        ):
             r = resources.for_stage(res)
-            opts = {"num_cpus": r.num_cpus, "num_gpus": r.num_gpus, "max_retries": max_retries,
-                    "retry_exceptions": [TransientError]}
+            opts = {
+                "num_cpus": r.num_cpus,
+                "num_gpus": r.num_gpus,
+                "max_retries": max_retries,
+                "retry_exceptions": [TransientError],
+            }
             if r.num_gpus > 0:
                 opts["max_calls"] = 1  # free GPU memory between tasks
             if runtime_env:
                 opts["runtime_env"] = runtime_env
-            self.options[stage] = opts
+            remote = verify_task if stage == "verify" else stage_task
+            self.tasks[stage] = remote.options(**opts)  # built once: `.options` is not free
 
-    def _stage(self, stage: str, cell: Cell, key: str, *deps) -> ray.ObjectRef:
+    def _stage(self, stage: str, cell: dict, key: str, *deps) -> ray.ObjectRef:
         if key not in self.refs:
-            task = stage_task.options(**self.options[stage])
-            self.refs[key] = task.remote(self.executor, stage, cell.to_dict(), key, self.store, *deps)
+            self.refs[key] = self.tasks[stage].remote(
+                self.executor, stage, cell, key, self.store, *deps
+            )
         return self.refs[key]
 
     def submit(self, cell: Cell, run: dict) -> ray.ObjectRef:
-        victim = self._stage("train_victim", cell, cell.victim_key())
-        nulls = [self._stage("train_victim", cell.with_seed(s), cell.victim_key(s)) for s in cell.null_seeds()]
-        marked = self._stage("embed", cell, cell.embed_key(), victim, *nulls)
-        attacked = self._stage("attack", cell, cell.attack_key(), marked)
-        task = verify_task.options(**self.options["verify"])
-        return task.remote(self.executor, cell.to_dict(), self.store, {**run, "cell_id": cell.cell_id},
-                           victim, marked, attacked)
+        d = cell.to_dict()
+        victim = self._stage("train_victim", d, cell.victim_key())
+        nulls = [
+            self._stage("train_victim", {**d, "seed": s}, cell.victim_key(s))
+            for s in cell.null_seeds()
+        ]
+        marked = self._stage("embed", d, cell.embed_key(), victim, *nulls)
+        attacked = self._stage("attack", d, cell.attack_key(), marked)
+        cell_id = cell.cell_id
+        run = {**run, "cell_id": cell_id}
+        return self.tasks["verify"].remote(
+            self.executor, "verify", d, cell_id, self.store, run, victim, marked, attacked
+        )
 
 
 def run_cells(
@@ -175,8 +216,14 @@ def run_cells(
     if not todo:
         return summary
     run = {"run_id": run_id, "git_sha": git_sha()}
-    record = {**(manifest or {}), **run, "started_at": datetime.now(timezone.utc).isoformat(),
-              "versions": _versions(), "cells": len(cells), "skipped": summary.skipped}
+    record = {
+        **(manifest or {}),
+        **run,
+        "started_at": datetime.now(timezone.utc).isoformat(),
+        "versions": _versions(),
+        "cells": len(cells),
+        "skipped": summary.skipped,
+    }
     if executor == "real":
         write_manifest(store, run_id, record)
     window = max_in_flight or max(8, 4 * int(ray.cluster_resources().get("CPU", 1)))
@@ -196,8 +243,14 @@ def run_cells(
     return summary
 
 
-def _drive(graph: StageGraph, pending: Iterable[Cell], run: dict, window: int, summary: RunSummary,
-           progress: Callable | None) -> None:
+def _drive(
+    graph: StageGraph,
+    pending: Iterable[Cell],
+    run: dict,
+    window: int,
+    summary: RunSummary,
+    progress: Callable | None,
+) -> None:
     inflight: dict[ray.ObjectRef, Cell] = {}
     pending = iter(pending)
     while True:
@@ -205,7 +258,10 @@ def _drive(graph: StageGraph, pending: Iterable[Cell], run: dict, window: int, s
             inflight[graph.submit(cell, run)] = cell
         if not inflight:
             return
-        ready, _ = ray.wait(list(inflight), num_returns=1, timeout=1.0)
+        refs = list(inflight)
+        ready, _ = ray.wait(refs, num_returns=1, timeout=1.0)
+        if ready:  # take everything else that is already done in the same pass
+            ready, _ = ray.wait(refs, num_returns=len(refs), timeout=0)
         for ref in ready:
             cell = inflight.pop(ref)
             try:
@@ -213,7 +269,9 @@ def _drive(graph: StageGraph, pending: Iterable[Cell], run: dict, window: int, s
             except ray.exceptions.RayError as e:
                 result = {"status": "failed", "error": f"task failed after retries: {e}"}
                 if graph.executor == "real":
-                    ray.get(record_failure.remote(cell.to_dict(), graph.store, run, result["error"]))
+                    ray.get(
+                        record_failure.remote(cell.to_dict(), graph.store, run, result["error"])
+                    )
             if result["status"] == "ok":
                 summary.ok += 1
             else:
@@ -224,9 +282,14 @@ def _drive(graph: StageGraph, pending: Iterable[Cell], run: dict, window: int, s
 
 
 def _outcome(summary: RunSummary) -> dict:
-    return {"finished_at": datetime.now(timezone.utc).isoformat(), "ok": summary.ok,
-            "failed": summary.failed, "seconds": summary.seconds, "interrupted": summary.interrupted,
-            "failures": summary.failures}
+    return {
+        "finished_at": datetime.now(timezone.utc).isoformat(),
+        "ok": summary.ok,
+        "failed": summary.failed,
+        "seconds": summary.seconds,
+        "interrupted": summary.interrupted,
+        "failures": summary.failures,
+    }
 
 
 def _versions() -> dict[str, str]:
@@ -234,5 +297,11 @@ def _versions() -> dict[str, str]:
     import timm
     import torch
 
-    return {"harness": __version__, "python": platform.python_version(), "ray": ray.__version__,
-            "torch": torch.__version__, "timm": timm.__version__, "pyarrow": pyarrow.__version__}
+    return {
+        "harness": __version__,
+        "python": platform.python_version(),
+        "ray": ray.__version__,
+        "torch": torch.__version__,
+        "timm": timm.__version__,
+        "pyarrow": pyarrow.__version__,
+    }

@@ -54,8 +54,11 @@ def stage(name: str) -> Callable:
             except TransientError:
                 raise
             except Exception as e:  # noqa: BLE001 - deterministic failures become rows
-                return {"failed": True, "error": f"{name}: {type(e).__name__}: {e}",
-                        "traceback": traceback.format_exc(limit=8)}
+                return {
+                    "failed": True,
+                    "error": f"{name}: {type(e).__name__}: {e}",
+                    "traceback": traceback.format_exc(limit=8),
+                }
             return {**meta, "cached": False, "seconds": time.perf_counter() - start}
 
         run.stage_name = name
@@ -68,7 +71,9 @@ def _context(cell: Cell, device: str, spec: ModelSpec | None = None) -> Context:
     dataset = DatasetCfg(**cell.dataset)
     data = load_splits(dataset)
     spec = spec or ModelSpec(cell.arch, data.num_classes, data.channels, data.image_size)
-    return Context(data=data, train=TrainCfg(**cell.train), spec=spec, device=device, seed=cell.seed)
+    return Context(
+        data=data, train=TrainCfg(**cell.train), spec=spec, device=device, seed=cell.seed
+    )
 
 
 @stage("train_victim")
@@ -77,13 +82,18 @@ def train_victim(cell: Cell, key: str, artifacts: ArtifactStore, device: str) ->
     seed_everything(cell.seed)
     model = ctx.create_model()
     stats = train_classifier(model, ctx.data.owner, ctx.train, device, cell.seed)
-    meta = {"spec": ctx.spec.to_dict(), "task_score": accuracy(model, ctx.data.test, device),
-            "train": stats}
+    meta = {
+        "spec": ctx.spec.to_dict(),
+        "task_score": accuracy(model, ctx.data.test, device),
+        "train": stats,
+    }
     return artifacts.save("train_victim", key, meta, model=model)
 
 
 @stage("embed")
-def embed(cell: Cell, key: str, artifacts: ArtifactStore, device: str, victim: dict, *nulls: dict) -> dict:
+def embed(
+    cell: Cell, key: str, artifacts: ArtifactStore, device: str, victim: dict, *nulls: dict
+) -> dict:
     ctx = _context(cell, device)
     model, _ = artifacts.load_model(victim, device)
     null_models = [artifacts.load_model(m, device)[0] for m in nulls]
@@ -91,15 +101,20 @@ def embed(cell: Cell, key: str, artifacts: ArtifactStore, device: str, victim: d
     seed_everything(cell.seed)
     marked, secret = method.embed(model, ctx, null_models)
     score = method.verify(marked, secret, ctx)
-    meta = {"spec": victim["spec"], "task_score": accuracy(marked, ctx.data.test, device),
-            "wm": asdict(score)}
+    meta = {
+        "spec": victim["spec"],
+        "task_score": accuracy(marked, ctx.data.test, device),
+        "wm": asdict(score),
+    }
     if marked is model and not _changed(victim, marked, artifacts):
-        return artifacts.save("embed", key, meta, model_ref=tuple(victim["model_ref"]), secret=secret)
+        return artifacts.save(
+            "embed", key, meta, model_ref=tuple(victim["model_ref"]), secret=secret
+        )
     return artifacts.save("embed", key, meta, model=marked, secret=secret)
 
 
 def _changed(meta: dict, model, artifacts: ArtifactStore) -> bool:
-    """Whether `model` differs from the stored weights `meta` points to (methods may edit in place)."""
+    """Whether `model` differs from the weights `meta` points to (methods may edit in place)."""
     stored, _ = artifacts.load_model(meta)
     ref, new = stored.state_dict(), model.state_dict()
     return any(not ref[k].equal(new[k].detach().cpu()) for k in ref)
@@ -117,7 +132,9 @@ def attack(cell: Cell, key: str, artifacts: ArtifactStore, device: str, marked: 
     return artifacts.save("attack", key, meta, model=attacked)
 
 
-def verify(cell: dict, store: str, device: str, run: dict, victim: dict, marked: dict, attacked: dict) -> dict:
+def verify(
+    cell: dict, store: str, device: str, run: dict, victim: dict, marked: dict, attacked: dict
+) -> dict:
     """The row of a cell (also for a failed one); written to the results store by the caller."""
     c = Cell.from_dict(cell)
     row = _base_row(c, device, run)
@@ -132,7 +149,11 @@ def verify(cell: dict, store: str, device: str, run: dict, victim: dict, marked:
         bad = {"error": f"verify: {type(e).__name__}: {e}"}
     if bad is not None:
         row.update(status="failed", error=bad["error"])
-    seconds = {m["stage"]: m["seconds"] for m in (victim, marked, attacked) if "stage" in m and "seconds" in m}
+    seconds = {
+        m["stage"]: m["seconds"]
+        for m in (victim, marked, attacked)
+        if "stage" in m and "seconds" in m
+    }
     seconds["verify"] = time.perf_counter() - start
     row.update(stage_seconds=seconds, duration_s=sum(seconds.values()))
     return row
@@ -140,12 +161,23 @@ def verify(cell: dict, store: str, device: str, run: dict, victim: dict, marked:
 
 def _base_row(c: Cell, device: str, run: dict) -> dict[str, Any]:
     return {
-        "cell_id": c.cell_id, "run_id": run.get("run_id"), "scenario": c.scenario,
-        "dataset": c.dataset["name"], "arch": c.arch, "method": c.method,
-        "method_params": canonical(c.method_params), "attack": c.attack,
-        "attack_params": canonical(c.attack_params), "seed": c.seed, "status": "ok",
-        "node": socket.gethostname(), "device": device, "harness_version": __version__,
-        "git_sha": run.get("git_sha"), "task_metric": "accuracy", "wm_detected": False,
+        "cell_id": c.cell_id,
+        "run_id": run.get("run_id"),
+        "scenario": c.scenario,
+        "dataset": c.dataset["name"],
+        "arch": c.arch,
+        "method": c.method,
+        "method_params": canonical(c.method_params),
+        "attack": c.attack,
+        "attack_params": canonical(c.attack_params),
+        "seed": c.seed,
+        "status": "ok",
+        "node": socket.gethostname(),
+        "device": device,
+        "harness_version": __version__,
+        "git_sha": run.get("git_sha"),
+        "task_metric": "accuracy",
+        "wm_detected": False,
     }
 
 
@@ -170,7 +202,9 @@ def _measure(c: Cell, store: str, device: str, victim: dict, marked: dict, attac
     if method.wm_metric:
         drop = out["task_score_marked"] - out["task_score_attacked"]
         removed = marked["wm"]["detected"] and not score.detected and drop < WRT_MAX_TASK_DROP
-        metrics.update(wm_detected_marked=float(marked["wm"]["detected"]), wm_removed=float(removed))
+        metrics.update(
+            wm_detected_marked=float(marked["wm"]["detected"]), wm_removed=float(removed)
+        )
     out["metrics"] = {k: float(v) for k, v in metrics.items() if v is not None and math.isfinite(v)}
     return out
 
@@ -181,10 +215,12 @@ def run_cell(cell: Cell, store: str, device: str = "cpu", run: dict | None = Non
 
     d = cell.to_dict()
     victim = train_victim(d, cell.victim_key(), store, device)
-    nulls = [train_victim(cell.with_seed(s).to_dict(), cell.victim_key(s), store, device) for s in cell.null_seeds()]
+    nulls = [
+        train_victim(cell.with_seed(s).to_dict(), cell.victim_key(s), store, device)
+        for s in cell.null_seeds()
+    ]
     marked = embed(d, cell.embed_key(), store, device, victim, *nulls)
     attacked = attack(d, cell.attack_key(), store, device, marked)
     row = verify(d, store, device, run or {}, victim, marked, attacked)
     write_row(store, row)
     return row
-

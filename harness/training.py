@@ -103,15 +103,23 @@ def fit(
             loss_sum += loss.item() * len(idx)
     model.eval()
     seconds = time.perf_counter() - start
-    return {"loss": loss_sum / max(seen, 1), "seconds": seconds, "images_per_s": seen / max(seconds, 1e-9)}
+    return {
+        "loss": loss_sum / max(seen, 1),
+        "seconds": seconds,
+        "images_per_s": seen / max(seconds, 1e-9),
+    }
 
 
-def train_classifier(model: nn.Module, data: Split, cfg, device, seed: int, **kw) -> dict[str, float]:
+def train_classifier(
+    model: nn.Module, data: Split, cfg, device, seed: int, **kw
+) -> dict[str, float]:
     return fit(model, data.x, data.y, cfg, device, seed, **kw)
 
 
 @torch.no_grad()
-def predict_logits(model: nn.Module, x: torch.Tensor, device, batch_size: int = 512) -> torch.Tensor:
+def predict_logits(
+    model: nn.Module, x: torch.Tensor, device, batch_size: int = 512
+) -> torch.Tensor:
     model.eval()
     out = []
     for i in range(0, len(x), batch_size):
@@ -132,8 +140,12 @@ def kd_loss(temperature: float, hard_weight: float = 1.0) -> LossFn:
     def loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
         t = temperature
         soft = F.kl_div(
-            F.log_softmax(student_logits / t, 1), F.softmax(teacher_logits / t, 1), reduction="batchmean"
+            F.log_softmax(student_logits / t, 1),
+            F.softmax(teacher_logits / t, 1),
+            reduction="batchmean",
         )
-        return t * t * soft + hard_weight * F.cross_entropy(student_logits, teacher_logits.argmax(1))
+        return t * t * soft + hard_weight * F.cross_entropy(
+            student_logits, teacher_logits.argmax(1)
+        )
 
     return loss

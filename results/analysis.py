@@ -26,18 +26,25 @@ def label(df: pd.DataFrame, name_col: str, params_col: str) -> pd.Series:
         shown = ",".join(f"{k}={p.get(k)}" for k in vary.get(name, []))
         return f"{name}({shown})" if shown else name
 
-    return pd.Series([one(n, p) for n, p in zip(df[name_col], df[params_col], strict=True)], index=df.index)
+    return pd.Series(
+        [one(n, p) for n, p in zip(df[name_col], df[params_col], strict=True)], index=df.index
+    )
 
 
 def summary(df: pd.DataFrame, by: tuple[str, ...] = ("method", "attack")) -> pd.DataFrame:
     """Mean scores per group over archs and seeds: the method x attack table."""
     if df.empty:
         return pd.DataFrame()
-    df = df.assign(method=label(df, "method", "method_params"), attack=label(df, "attack", "attack_params"))
+    df = df.assign(
+        method=label(df, "method", "method_params"), attack=label(df, "attack", "attack_params")
+    )
     removed = df["metrics"].map(lambda m: (m or {}).get("wm_removed"))
-    df = df.assign(wm_removed=pd.to_numeric(removed), ok=df["status"].eq("ok"),
-                   wm_detected=df["wm_detected"].astype(float))
-    agg = df.groupby(list(by), sort=False).agg(
+    df = df.assign(
+        wm_removed=pd.to_numeric(removed),
+        ok=df["status"].eq("ok"),
+        wm_detected=df["wm_detected"].astype(float),
+    )
+    agg = df.groupby(list(by)).agg(
         cells=("cell_id", "size"),
         failed=("ok", lambda s: int((~s).sum())),
         task_clean=("task_score_clean", "mean"),

@@ -17,6 +17,8 @@ def _fmt(value) -> str:
 
 def render(df: pd.DataFrame, title: str = "", console: Console | None = None) -> None:
     console = console or Console()
+    if not console.is_terminal:
+        console.width = max(console.width, 200)  # logs and pipes: never squeeze the columns
     if df.empty:
         console.print("[yellow]no results yet[/yellow]")
         return

@@ -1,6 +1,7 @@
 """The Parquet results store: one file per cell, written atomically; one reader for all.
 
-    <store>/results/method=<m>/attack=<a>/<cell_id>.parquet
+    <store>/results/method=<m>/attack=<a>/<cell_id>.parquet          (status ok)
+    <store>/results/method=<m>/attack=<a>/<cell_id>.failed.parquet   (status failed)
 
 `compact` merges a partition's per-cell files into one file for fast scans of large stores;
 readers keep the newest row per cell_id, so compacted and fresh files can coexist.
@@ -9,6 +10,7 @@ readers keep the newest row per cell_id, so compacted and fresh files can coexis
 from __future__ import annotations
 
 import io
+import json
 import uuid
 from datetime import datetime, timezone
 from typing import Any
@@ -23,6 +25,9 @@ import pyarrow.parquet as pq
 from harness.artifacts import atomic_write, exists, open_store
 from results.schema import COLUMNS, SCHEMA, SCHEMA_VERSION
 
+FAILED_SUFFIX = ".failed.parquet"
+PART_PREFIX = "part-"
+
 
 def _partition(fs_root: str, method: str, attack: str) -> str:
     return f"{fs_root}/results/method={method}/attack={attack}"
@@ -30,8 +35,8 @@ def _partition(fs_root: str, method: str, attack: str) -> str:
 
 def rows_to_table(rows: list[dict[str, Any]]) -> pa.Table:
     now = datetime.now(timezone.utc)
-    full = [{"schema_version": SCHEMA_VERSION, "created_at": now, **{c: r.get(c) for c in COLUMNS if c in r}} for r in rows]
-    return pa.Table.from_pylist(full, schema=SCHEMA)
+    stamp = {"schema_version": SCHEMA_VERSION, "created_at": now}
+    return pa.Table.from_pylist([{**stamp, **r} for r in rows], schema=SCHEMA)
 
 
 def _parquet_bytes(table: pa.Table) -> bytes:
@@ -40,11 +45,22 @@ def _parquet_bytes(table: pa.Table) -> bytes:
     return buf.getvalue()
 
 
+def _cell_file(row: dict[str, Any], ok: bool) -> str:
+    return f"{row['cell_id']}.parquet" if ok else f"{row['cell_id']}{FAILED_SUFFIX}"
+
+
 def write_row(store: str, row: dict[str, Any]) -> str:
-    """Write one cell's row atomically; returns its path."""
+    """Write one cell's row atomically; returns its path.
+
+    Failed rows go to `<cell_id>.failed.parquet`, so resuming needs only a file listing; the
+    file of the other status is removed after the write (readers keep the newest row)."""
     fs, root = open_store(store)
-    path = f"{_partition(root, row['method'], row['attack'])}/{row['cell_id']}.parquet"
+    folder, ok = _partition(root, row["method"], row["attack"]), row.get("status") == "ok"
+    path = f"{folder}/{_cell_file(row, ok)}"
     atomic_write(fs, path, _parquet_bytes(rows_to_table([row])))
+    stale = f"{folder}/{_cell_file(row, not ok)}"
+    if exists(fs, stale):
+        fs.delete_file(stale)
     return path
 
 
@@ -55,11 +71,10 @@ def read_table(store: str, columns: list[str] | None = None) -> pa.Table:
     if not exists(fs, base):
         return SCHEMA.empty_table().select(columns or COLUMNS)
     want = list(dict.fromkeys([*(columns or COLUMNS), "cell_id", "created_at"]))
-    dataset = ds.dataset(base, schema=SCHEMA, format="parquet", filesystem=fs,
-                         exclude_invalid_files=False, ignore_prefixes=[".", "_"])
-    table = dataset.to_table(columns=want)
-    table = _newest_per_cell(table)
-    return table.select(columns or COLUMNS)
+    dataset = ds.dataset(
+        base, schema=SCHEMA, format="parquet", filesystem=fs, ignore_prefixes=[".", "_"]
+    )
+    return _newest_per_cell(dataset.to_table(columns=want)).select(columns or COLUMNS)
 
 
 def _newest_per_cell(table: pa.Table) -> pa.Table:
@@ -79,25 +94,47 @@ def load(store: str, columns: list[str] | None = None) -> pd.DataFrame:
     return read_table(store, columns).to_pandas(maps_as_pydicts="strict")
 
 
+def _result_files(fs: pafs.FileSystem, root: str) -> list[pafs.FileInfo]:
+    selector = pafs.FileSelector(f"{root}/results", recursive=True, allow_not_found=True)
+    return [
+        i
+        for i in fs.get_file_info(selector)
+        if i.type == pafs.FileType.File
+        and i.base_name.endswith(".parquet")
+        and not i.base_name.startswith(".")
+    ]
+
+
 def ok_cell_ids(store: str) -> set[str]:
-    table = read_table(store, ["cell_id", "status"])
-    return set(table.filter(pc.equal(table["status"], "ok"))["cell_id"].to_pylist())
+    """Cells stored with status ok, from the file names (plus compacted parts), without a scan."""
+    fs, root = open_store(store)
+    files = _result_files(fs, root)
+    parts = [f.path for f in files if f.base_name.startswith(PART_PREFIX)]
+    cells = [f.base_name for f in files if not f.base_name.startswith(PART_PREFIX)]
+    ok = {n.removesuffix(".parquet") for n in cells if not n.endswith(FAILED_SUFFIX)}
+    failed = {n.removesuffix(FAILED_SUFFIX) for n in cells if n.endswith(FAILED_SUFFIX)}
+    if parts:
+        table = ds.dataset(parts, schema=SCHEMA, format="parquet", filesystem=fs).to_table(
+            columns=["cell_id", "status"]
+        )
+        ok |= set(table.filter(pc.equal(table["status"], "ok"))["cell_id"].to_pylist()) - failed
+    return ok
 
 
 def compact(store: str) -> int:
     """Merge each partition's files into one; returns the number of files merged away."""
     fs, root = open_store(store)
     merged = 0
-    selector = pafs.FileSelector(f"{root}/results", recursive=True, allow_not_found=True)
     parts: dict[str, list[str]] = {}
-    for info in fs.get_file_info(selector):
-        if info.type == pafs.FileType.File and info.base_name.endswith(".parquet") and not info.base_name.startswith("."):
-            parts.setdefault(info.path.rsplit("/", 1)[0], []).append(info.path)
+    for info in _result_files(fs, root):
+        parts.setdefault(info.path.rsplit("/", 1)[0], []).append(info.path)
     for folder, files in parts.items():
         if len(files) < 2:
             continue
-        table = _newest_per_cell(ds.dataset(files, schema=SCHEMA, format="parquet", filesystem=fs).to_table())
-        atomic_write(fs, f"{folder}/part-{uuid.uuid4().hex}.parquet", _parquet_bytes(table))
+        table = _newest_per_cell(
+            ds.dataset(files, schema=SCHEMA, format="parquet", filesystem=fs).to_table()
+        )
+        atomic_write(fs, f"{folder}/{PART_PREFIX}{uuid.uuid4().hex}.parquet", _parquet_bytes(table))
         for f in files:
             fs.delete_file(f)
         merged += len(files)
@@ -105,7 +142,7 @@ def compact(store: str) -> int:
 
 
 def write_manifest(store: str, run_id: str, manifest: dict[str, Any]) -> None:
-    import json
-
     fs, root = open_store(store)
-    atomic_write(fs, f"{root}/runs/{run_id}.json", json.dumps(manifest, indent=2, default=str).encode())
+    atomic_write(
+        fs, f"{root}/runs/{run_id}.json", json.dumps(manifest, indent=2, default=str).encode()
+    )

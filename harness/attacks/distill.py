@@ -13,7 +13,9 @@ from harness.training import fit, kd_loss, predict_logits
 
 class DistillParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    student_arch: str | None = Field(None, description="timm / model_zoo name; default: the victim's")
+    student_arch: str | None = Field(
+        None, description="timm / model_zoo name; default: the victim's"
+    )
     epochs: int = Field(5, ge=1)
     lr: float | None = Field(None, gt=0, description="default: train.lr")
     temperature: float = Field(4.0, gt=0)
@@ -36,6 +38,7 @@ class DistillParams(BaseModel):
 @register("distill")
 class Distill(Attack):
     Params = DistillParams
+    version = "2"  # 1 ignored `epochs`
 
     def apply(self, model, ctx):
         p = self.params
@@ -47,5 +50,15 @@ class Distill(Attack):
             targets, loss = teacher_logits.argmax(1), F.cross_entropy
         else:
             targets, loss = teacher_logits, kd_loss(p.temperature)
-        fit(student, data.x, targets, ctx.train, ctx.device, ctx.seed, lr=p.lr, loss_fn=loss)
+        fit(
+            student,
+            data.x,
+            targets,
+            ctx.train,
+            ctx.device,
+            ctx.seed,
+            epochs=p.epochs,
+            lr=p.lr,
+            loss_fn=loss,
+        )
         return student, spec

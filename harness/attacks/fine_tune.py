@@ -39,6 +39,16 @@ class FineTune(Attack):
         last_layer = p.mode.endswith("ll")
         params = model.get_classifier().parameters() if last_layer else None
         data = attacker_subset(ctx, p.data_fraction)
-        fit(model, data.x, data.y, ctx.train, ctx.device, ctx.seed, params=params,
-            epochs=p.epochs, lr=p.lr, freeze_bn=last_layer)
+        fit(
+            model,
+            data.x,
+            data.y,
+            ctx.train,
+            ctx.device,
+            ctx.seed,
+            params=params,
+            epochs=p.epochs,
+            lr=p.lr,
+            freeze_bn=last_layer,
+        )
         return model, ctx.spec

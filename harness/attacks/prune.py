@@ -45,8 +45,16 @@ class Prune(Attack):
         if p.fine_tune_epochs:
             masks = [(m.weight == 0) for m, _ in prunable(model)]
             data = attacker_subset(ctx, p.data_fraction)
-            fit(model, data.x, data.y, ctx.train, ctx.device, ctx.seed,
-                epochs=p.fine_tune_epochs, lr=p.lr)
+            fit(
+                model,
+                data.x,
+                data.y,
+                ctx.train,
+                ctx.device,
+                ctx.seed,
+                epochs=p.fine_tune_epochs,
+                lr=p.lr,
+            )
             for (module, _), mask in zip(prunable(model), masks, strict=True):
                 module.weight.data[mask] = 0.0
         return model, ctx.spec

@@ -58,7 +58,9 @@ class TriggerSet(Method):
 
     def embed(self, victim, ctx, null_models):
         p, d = self.params, ctx.data
-        x, y = make_triggers(p.n_keys, d.channels, d.image_size, d.num_classes, p.pattern, ctx.seed + 7919)
+        x, y = make_triggers(
+            p.n_keys, d.channels, d.image_size, d.num_classes, p.pattern, ctx.seed + 7919
+        )
         repeat = max(1, round(p.key_share * len(d.owner) / ((1 - p.key_share) * p.n_keys)))
         train_x = torch.cat([d.owner.x, x.repeat(repeat, 1, 1, 1)])
         train_y = torch.cat([d.owner.y, y.repeat(repeat)])
