@@ -129,21 +129,41 @@ def _model_at(model: type[BaseModel] | None, loc: tuple) -> type[BaseModel] | No
 def _from_validation(
     err: ValidationError, file: str | None, root: type[BaseModel], prefix: str | None = None
 ) -> ConfigError:
-    """The first pydantic error as a ConfigError; unknown keys list the known ones."""
+    """The first pydantic error as a ConfigError, with allowed values and a close match."""
     from harness.registry import close_match
 
     first = err.errors()[0]
     loc = tuple(first["loc"])
     path = ".".join(p for p in (prefix, _field_path(loc)) if p)
+    cause = (first.get("ctx") or {}).get("error")
+    if isinstance(cause, ConfigError):  # a plug-in validator re-raising one of ours
+        return cause.with_location(file, path)
     allowed = hint = None
     if first["type"] == "extra_forbidden":
         model = _model_at(root, loc[:-1])
         allowed = sorted(model.model_fields) if model else None
-        hint = close_match(str(loc[-1]), allowed) if allowed else None
+    elif first["type"] == "literal_error":
+        model = _model_at(root, loc[:-1])
+        field = model.model_fields.get(loc[-1]) if model else None
+        allowed = _literal_values(field.annotation) if field else None
+    if allowed:
+        hint = close_match(
+            str(loc[-1] if first["type"] == "extra_forbidden" else first["input"]),
+            [str(a) for a in allowed],
+        )
     msg = first["msg"].removeprefix("Value error, ")
     return ConfigError(
         msg, file=file, field=path, value=first.get("input"), allowed=allowed, hint=hint
     )
+
+
+def _literal_values(annotation: Any) -> list | None:
+    if typing.get_origin(annotation) is Literal:
+        return list(typing.get_args(annotation))
+    for arg in typing.get_args(annotation):
+        if (found := _literal_values(arg)) is not None:
+            return found
+    return None
 
 
 def expand_params(params: dict[str, Any], params_model: type[BaseModel]) -> list[dict[str, Any]]:
@@ -217,8 +237,16 @@ def load_yaml_with_includes(path: Path, _seen: tuple = ()) -> dict:
         raise ConfigError("include cycle", file=str(path))
     data = _read_yaml(path)
     includes = data.pop("include", [])
+    includes = [includes] if isinstance(includes, str) else includes
+    if not isinstance(includes, list) or not all(isinstance(i, str) for i in includes):
+        raise ConfigError(
+            "include must be a file name or a list of file names",
+            file=str(path),
+            field="include",
+            value=includes,
+        )
     merged: dict = {}
-    for inc in [includes] if isinstance(includes, str) else includes:
+    for inc in includes:
         merged = _merge(
             merged, load_yaml_with_includes(path.parent / inc, (*_seen, path.resolve()))
         )

@@ -18,7 +18,7 @@ class HarnessError(Exception):
     exit_code = 1
 
 
-class ConfigError(HarnessError):
+class ConfigError(HarnessError, ValueError):
     """Bad user input: names the file, the field path, the value and what is allowed."""
 
     exit_code = 2

@@ -117,8 +117,8 @@ def ok_cell_ids(store: str) -> set[str]:
         table = ds.dataset(parts, schema=SCHEMA, format="parquet", filesystem=fs).to_table(
             columns=["cell_id", "status"]
         )
-        ok |= set(table.filter(pc.equal(table["status"], "ok"))["cell_id"].to_pylist()) - failed
-    return ok
+        ok |= set(table.filter(pc.equal(table["status"], "ok"))["cell_id"].to_pylist())
+    return ok - failed  # both files left by a crash mid-rewrite: run the cell again
 
 
 def compact(store: str) -> int:

@@ -7,7 +7,6 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from harness.attacks import Attack, register
-from harness.errors import ConfigError
 from harness.training import fit, kd_loss, predict_logits
 
 
@@ -28,10 +27,7 @@ class DistillParams(BaseModel):
         from model_zoo import check_arch
 
         if v is not None:
-            try:
-                check_arch(v)
-            except ConfigError as e:
-                raise ValueError(str(e)) from None
+            check_arch(v)  # a ConfigError (a ValueError) keeps its hint through pydantic
         return v
 
 

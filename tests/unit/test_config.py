@@ -1,0 +1,400 @@
+"""Scenario validation (ConfigError names file, field path, value, allowed values, a close match)
+and grid expansion (cartesian product of list params, cell counts, `include:`, defaults)."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from pydantic import BaseModel
+
+from harness.cells import expand_cells
+from harness.config import Scenario, expand_params, load_scenario, load_yaml_with_includes
+from harness.errors import ConfigError, UnknownNameError
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+SMOKE = REPO_ROOT / "scenarios" / "smoke.yaml"
+
+BASE: dict[str, Any] = {
+    "name": "unit",
+    "dataset": {"name": "synthetic", "image_size": 16, "channels": 1, "samples": 60},
+    "train": {"epochs": 1, "batch_size": 32},
+    "seeds": [0],
+    "archs": ["lenet"],
+    "methods": ["none"],
+    "attacks": ["identity"],
+}
+
+PRUNE_DEFAULTS = {"sparsity": 0.5, "method": "l1", "fine_tune_epochs": 0, "lr": 0.01,
+                  "data_fraction": 1.0}
+
+
+def write(tmp_path: Path, data: dict, name: str = "scenario.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+def scenario_with(**changes: Any) -> dict:
+    data = copy.deepcopy(BASE)
+    data.update(copy.deepcopy(changes))
+    return data
+
+
+def config_error(tmp_path: Path, data: dict) -> tuple[ConfigError, Path]:
+    path = write(tmp_path, data)
+    with pytest.raises(ConfigError) as info:
+        load_scenario(path)
+    return info.value, path
+
+
+def cells_of(tmp_path: Path, **changes: Any) -> list:
+    path = write(tmp_path, scenario_with(**changes))
+    return expand_cells(load_scenario(path), str(path))
+
+
+# --- validation errors -------------------------------------------------------------------------
+
+
+def test_base_scenario_is_valid(tmp_path: Path) -> None:
+    scenario = load_scenario(write(tmp_path, BASE))
+    assert isinstance(scenario, Scenario)
+    assert scenario.archs == ["lenet"]
+
+
+def test_smoke_scenario_is_valid() -> None:
+    assert load_scenario(SMOKE).name == "smoke"
+
+
+@pytest.mark.parametrize(
+    ("text", "line"),
+    [
+        ("name: t\narchs: [lenet\nmethods: [none]\n", 3),
+        ("name: t\n  archs: [lenet]\n", 2),
+    ],
+)
+def test_yaml_syntax_error_names_file_and_line(tmp_path: Path, text: str, line: int) -> None:
+    path = tmp_path / "broken.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as info:
+        load_scenario(path)
+    assert info.value.file == str(path)
+    assert "not valid YAML" in str(info.value)
+    assert f"line {line}" in str(info.value)
+    assert str(path) in str(info.value)
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="not found") as info:
+        load_scenario(tmp_path / "nope.yaml")
+    assert info.value.file == str(tmp_path / "nope.yaml")
+
+
+def test_yaml_that_is_not_a_mapping(tmp_path: Path) -> None:
+    path = tmp_path / "list.yaml"
+    path.write_text("- a\n- b\n")
+    with pytest.raises(ConfigError, match="mapping") as info:
+        load_scenario(path)
+    assert info.value.value == "list"
+
+
+def test_unknown_top_level_key(tmp_path: Path) -> None:
+    data = scenario_with(datset={"name": "digits"})
+    err, path = config_error(tmp_path, data)
+    assert err.file == str(path)
+    assert err.field == "datset"
+    assert err.value == {"name": "digits"}
+    assert err.hint == "dataset"
+    assert "dataset" in err.allowed and "archs" in err.allowed and "datset" not in err.allowed
+    text = str(err)
+    assert text.startswith(f"{path}: datset: ")
+    assert "Did you mean 'dataset'?" in text
+    assert "Allowed: " in text
+
+
+@pytest.mark.parametrize(
+    ("section", "key", "hint", "known"),
+    [
+        ("dataset", "imag_size", "image_size", "channels"),
+        ("train", "epoch", "epochs", "batch_size"),
+    ],
+)
+def test_unknown_nested_key(tmp_path: Path, section: str, key: str, hint: str, known: str) -> None:
+    data = scenario_with()
+    data[section][key] = 3
+    err, path = config_error(tmp_path, data)
+    assert (err.file, err.field, err.value, err.hint) == (str(path), f"{section}.{key}", 3, hint)
+    assert hint in err.allowed and known in err.allowed
+    assert f"{section}.{key}" in str(err)
+
+
+def test_unknown_key_in_resources_and_in_a_component(tmp_path: Path) -> None:
+    err, _ = config_error(tmp_path, scenario_with(resources={"attack": {"num_gpu": 1}}))
+    assert (err.field, err.hint) == ("resources.attack.num_gpu", "num_gpus")
+    err, _ = config_error(tmp_path, scenario_with(attacks=[{"name": "prune", "param": {}}]))
+    assert (err.field, err.hint, err.allowed) == ("attacks[0].param", "params", ["name", "params"])
+
+
+def test_unknown_method_param_key(tmp_path: Path) -> None:
+    data = scenario_with(attacks=["identity", {"name": "prune", "params": {"sparsty": 0.5}}])
+    err, path = config_error(tmp_path, data)
+    assert (err.file, err.field, err.value, err.hint) == (
+        str(path), "attacks[1].params.sparsty", 0.5, "sparsity")
+    assert err.allowed == sorted(PRUNE_DEFAULTS)
+
+
+def test_unknown_arch_has_close_match(tmp_path: Path) -> None:
+    err, path = config_error(tmp_path, scenario_with(archs=["lenet", "resnet10"]))
+    assert isinstance(err, UnknownNameError)
+    assert (err.file, err.field, err.value) == (str(path), "archs[1]", "resnet10")
+    assert err.hint == "resnet10t"
+    assert "lenet" in str(err.allowed) and "timm" in str(err.allowed)
+    assert f"{path}: archs[1]: " in str(err)
+
+
+@pytest.mark.parametrize(
+    ("changes", "field", "value", "hint", "allowed"),
+    [
+        ({"methods": ["none", "trigger_sett"]}, "methods[1].name", "trigger_sett", "trigger_set",
+         ["none", "trigger_set"]),
+        ({"attacks": [{"name": "prun", "params": {"sparsity": 0.3}}]}, "attacks[0].name", "prun",
+         "prune", ["distill", "fine_tune", "identity", "prune", "quantize"]),
+        ({"dataset": {"name": "digit"}}, "dataset.name", "digit", "digits",
+         ["cifar10", "cifar100", "digits", "imagefolder", "synthetic"]),
+    ],
+)
+def test_unknown_registered_name(tmp_path: Path, changes, field, value, hint, allowed) -> None:
+    err, path = config_error(tmp_path, scenario_with(**changes))
+    assert isinstance(err, UnknownNameError)
+    assert (err.file, err.field, err.value, err.hint, err.allowed) == (
+        str(path), field, value, hint, allowed)
+    text = str(err)
+    assert f"Did you mean {hint!r}?" in text
+    assert "Allowed: " + ", ".join(allowed) in text
+
+
+@pytest.mark.parametrize("sparsity", [1.5, -0.1, [0.3, 1.01]])
+def test_sparsity_outside_unit_interval(tmp_path: Path, sparsity) -> None:
+    data = scenario_with(attacks=[{"name": "prune", "params": {"sparsity": sparsity}}])
+    err, path = config_error(tmp_path, data)
+    bad = sparsity[-1] if isinstance(sparsity, list) else sparsity
+    assert (err.file, err.field, err.value) == (str(path), "attacks[0].params.sparsity", bad)
+    assert ("than or equal to 1" if bad > 1 else "than or equal to 0") in str(err)
+
+
+@pytest.mark.parametrize(("bits", "bound"), [(0, "greater than or equal to 1"),
+                                             (17, "less than or equal to 16")])
+def test_bits_outside_1_to_16(tmp_path: Path, bits: int, bound: str) -> None:
+    data = scenario_with(attacks=[{"name": "quantize", "params": {"bits": [8, bits]}}])
+    err, _ = config_error(tmp_path, data)
+    assert (err.field, err.value) == ("attacks[0].params.bits", bits)
+    assert bound in str(err)
+
+
+def test_unknown_distill_student_arch(tmp_path: Path) -> None:
+    data = scenario_with(attacks=[{"name": "distill", "params": {"student_arch": "resnet10"}}])
+    err, path = config_error(tmp_path, data)
+    assert (err.file, err.field, err.value) == (
+        str(path), "attacks[0].params.student_arch", "resnet10")
+    assert "unknown architecture" in str(err)
+    assert "Did you mean 'resnet10t'?" in str(err)
+
+
+def test_unknown_distill_student_arch_keeps_hint_and_allowed(tmp_path: Path) -> None:
+    """The arch check inside the Params validator must not flatten the ConfigError into text."""
+    data = scenario_with(attacks=[{"name": "distill", "params": {"student_arch": "resnet10"}}])
+    err, _ = config_error(tmp_path, data)
+    assert err.hint == "resnet10t"
+    assert "lenet" in str(err.allowed)
+    assert str(err).count("(got 'resnet10')") == 1, str(err)
+
+
+@pytest.mark.parametrize(
+    ("dataset", "value"),
+    [
+        ({"name": "cifar10"}, None),
+        ({"name": "cifar100"}, None),
+        ({"name": "imagefolder", "root": "/definitely/not/here"}, "/definitely/not/here"),
+    ],
+)
+def test_missing_dataset_root(tmp_path: Path, dataset: dict, value) -> None:
+    err, path = config_error(tmp_path, scenario_with(dataset=dataset))
+    assert (err.file, err.field, err.value) == (str(path), "dataset.root", value)
+    assert "root" in str(err)
+
+
+def test_existing_dataset_root_passes_validation(tmp_path: Path) -> None:
+    (tmp_path / "imgs").mkdir()
+    data = scenario_with(dataset={"name": "imagefolder", "root": str(tmp_path / "imgs")})
+    assert load_scenario(write(tmp_path, data)).dataset.root == str(tmp_path / "imgs")
+
+
+def test_bad_literal_names_allowed_values(tmp_path: Path) -> None:
+    data = scenario_with(attacks=[{"name": "fine_tune", "params": {"mode": "ftxx"}}])
+    err, path = config_error(tmp_path, data)
+    assert (err.file, err.field, err.value) == (str(path), "attacks[0].params.mode", "ftxx")
+    for mode in ("ftll", "ftal", "rtll", "rtal"):
+        assert mode in str(err)
+
+
+def test_bad_literal_has_close_match(tmp_path: Path) -> None:
+    """DESIGN §7: a bad value names a close match, Literal typos included."""
+    data = scenario_with(attacks=[{"name": "quantize", "params": {"granularity": "per_chanel"}}])
+    err, _ = config_error(tmp_path, data)
+    assert err.field == "attacks[0].params.granularity"
+    assert err.hint == "per_channel"
+    assert "Did you mean 'per_channel'?" in str(err)
+
+
+def test_bad_channels(tmp_path: Path) -> None:
+    err, _ = config_error(tmp_path, scenario_with(dataset={"name": "digits", "channels": 2}))
+    assert (err.field, err.value) == ("dataset.channels", 2)
+    assert "1 or 3" in str(err)
+
+
+@pytest.mark.parametrize("gpus", [1.5, 2.25])
+def test_fractional_num_gpus_above_one(tmp_path: Path, gpus: float) -> None:
+    err, path = config_error(tmp_path, scenario_with(resources={"train": {"num_gpus": gpus}}))
+    assert (err.file, err.field, err.value) == (str(path), "resources.train.num_gpus", gpus)
+    assert "whole number" in str(err)
+
+
+@pytest.mark.parametrize("gpus", [0, 0.25, 1, 2])
+def test_whole_or_fractional_below_one_num_gpus_ok(tmp_path: Path, gpus: float) -> None:
+    data = scenario_with(resources={"attack": {"num_gpus": gpus}})
+    scenario = load_scenario(write(tmp_path, data))
+    assert scenario.resources.for_stage("attack").num_gpus == gpus
+
+
+def test_missing_required_field(tmp_path: Path) -> None:
+    data = scenario_with()
+    del data["archs"]
+    err, _ = config_error(tmp_path, data)
+    assert err.field == "archs"
+    assert "required" in str(err)
+
+
+def test_empty_list_value_expands_to_nothing(tmp_path: Path) -> None:
+    err, _ = config_error(tmp_path, scenario_with(attacks=[{"name": "prune",
+                                                             "params": {"sparsity": []}}]))
+    assert err.field == "attacks[0].params.sparsity"
+
+
+# --- grid expansion ----------------------------------------------------------------------------
+
+
+def test_list_params_expand_to_cartesian_product(tmp_path: Path) -> None:
+    attack = {"name": "fine_tune", "params": {"mode": ["ftll", "rtal"], "epochs": [1, 2, 3]}}
+    cells = cells_of(tmp_path, attacks=[attack])
+    points = {(c.attack_params["mode"], c.attack_params["epochs"]) for c in cells}
+    assert points == {(m, e) for m in ("ftll", "rtal") for e in (1, 2, 3)}
+    assert len(cells) == 6
+
+
+def test_cell_count_is_product_of_axes(tmp_path: Path) -> None:
+    cells = cells_of(
+        tmp_path,
+        seeds=[0, 1, 2],
+        archs=["lenet", "resnet10t"],
+        methods=["none", {"name": "trigger_set", "params": {"n_keys": [10, 20]}}],
+        attacks=["identity", {"name": "prune", "params": {"sparsity": [0.3, 0.6]}},
+                 {"name": "quantize", "params": {"bits": [8, 4], "granularity": ["per_channel",
+                                                                                 "per_tensor"]}}],
+    )
+    assert len(cells) == 3 * 2 * (1 + 2) * (1 + 2 + 4)
+    assert len({c.cell_id for c in cells}) == len(cells)
+
+
+def test_smoke_scenario_cell_count() -> None:
+    cells = expand_cells(load_scenario(SMOKE), str(SMOKE))
+    # 2 archs x 1 seed x 2 methods x (identity + 2 fine_tune + 2 prune + 2 quantize + distill)
+    assert len(cells) == 2 * 1 * 2 * 8
+    assert {c.arch for c in cells} == {"resnet10t", "mobilenetv3_small_050"}
+
+
+def test_defaults_are_filled_into_params(tmp_path: Path) -> None:
+    cells = cells_of(tmp_path, methods=[{"name": "trigger_set", "params": {"n_keys": 5}}],
+                     attacks=["prune", {"name": "quantize", "params": {"bits": 4}}])
+    by_attack = {c.attack: c for c in cells}
+    assert by_attack["prune"].attack_params == PRUNE_DEFAULTS
+    assert by_attack["quantize"].attack_params == {"bits": 4, "granularity": "per_channel"}
+    method_params = cells[0].method_params
+    assert method_params["n_keys"] == 5
+    assert method_params["pattern"] == "abstract"
+    assert method_params["p_value"] == 0.05
+    assert method_params["epochs"] is None
+    assert cells[0].dataset["test_fraction"] == 0.2
+    assert cells[0].train["optimizer"] == "sgd"
+
+
+class ListParams(BaseModel):
+    layers: list[int] = []
+    rate: float = 0.1
+
+
+def test_list_typed_param_expands_only_on_list_of_lists() -> None:
+    assert expand_params({"layers": [1, 2]}, ListParams) == [{"layers": [1, 2]}]
+    assert expand_params({"layers": [[1], [2, 3]], "rate": [0.1, 0.2]}, ListParams) == [
+        {"layers": [1], "rate": 0.1}, {"layers": [1], "rate": 0.2},
+        {"layers": [2, 3], "rate": 0.1}, {"layers": [2, 3], "rate": 0.2},
+    ]
+    assert expand_params({}, ListParams) == [{}]
+
+
+# --- include: ----------------------------------------------------------------------------------
+
+
+def test_include_merges_nested_mappings(tmp_path: Path) -> None:
+    (tmp_path / "common").mkdir()
+    write(tmp_path / "common", {"dataset": BASE["dataset"], "train": {"epochs": 3, "lr": 0.2},
+                                "archs": ["resnet10t"], "methods": ["none"]}, "base.yaml")
+    top = {"include": ["common/base.yaml"], "name": "inc", "train": {"epochs": 1},
+           "archs": ["lenet"], "attacks": ["identity"]}
+    path = write(tmp_path, top)
+    merged = load_yaml_with_includes(path)
+    assert "include" not in merged
+    assert merged["train"] == {"epochs": 1, "lr": 0.2}  # nested keys merge, the includer wins
+    assert merged["archs"] == ["lenet"]  # lists are replaced, not concatenated
+    scenario = load_scenario(path)
+    assert (scenario.train.epochs, scenario.train.lr) == (1, 0.2)
+    assert scenario.dataset.name == "synthetic"
+    assert scenario.methods[0].name == "none"
+
+
+def test_include_as_string_and_chained(tmp_path: Path) -> None:
+    write(tmp_path, {"train": {"batch_size": 16, "lr": 0.3}}, "a.yaml")
+    write(tmp_path, {"include": "a.yaml", "train": {"lr": 0.4}}, "b.yaml")
+    path = write(tmp_path, scenario_with(include="b.yaml", train={"epochs": 2}))
+    train = load_scenario(path).train
+    assert (train.batch_size, train.lr, train.epochs) == (16, 0.4, 2)
+
+
+def test_include_list_later_files_win(tmp_path: Path) -> None:
+    write(tmp_path, {"seeds": [1], "description": "first"}, "a.yaml")
+    write(tmp_path, {"seeds": [2, 3]}, "b.yaml")
+    data = scenario_with(include=["a.yaml", "b.yaml"])
+    del data["seeds"]
+    scenario = load_scenario(write(tmp_path, data))
+    assert scenario.seeds == [2, 3]
+    assert scenario.description == "first"
+
+
+def test_include_cycle_and_missing_include(tmp_path: Path) -> None:
+    write(tmp_path, {"include": "b.yaml"}, "a.yaml")
+    write(tmp_path, {"include": "a.yaml"}, "b.yaml")
+    with pytest.raises(ConfigError, match="include cycle"):
+        load_scenario(tmp_path / "a.yaml")
+    with pytest.raises(ConfigError, match="not found") as info:
+        load_scenario(write(tmp_path, scenario_with(include="missing.yaml")))
+    assert info.value.file == str(tmp_path / "missing.yaml")
+
+
+@pytest.mark.parametrize("include", [5, ["base.yaml", 3]])
+def test_include_of_wrong_type_is_a_config_error(tmp_path: Path, include) -> None:
+    write(tmp_path, {"seeds": [1]}, "base.yaml")
+    err, path = config_error(tmp_path, scenario_with(include=include))
+    assert err.file == str(path)
+    assert err.field is not None and err.field.startswith("include")
