@@ -1,7 +1,7 @@
 """`harness bench`: speed figures, printed and never asserted.
 
-- scheduler: per-cell driver+Ray cost of the harness on no-op stages vs the same 4-task
-  chains submitted as bare Ray tasks;
+- scheduler (also prints the store figures): per-cell driver + Ray cost of the harness on
+  no-op stages vs the same 4-task chains submitted as bare Ray tasks;
 - store: Parquet rows written / read per second, per-cell files and compacted;
 - train: images/s of the harness training loop vs a plain PyTorch loop on the same model.
 """
@@ -60,6 +60,12 @@ def bench_scheduler(n_cells: int) -> None:
     )
 
 
+def _timed(fn):
+    start = time.perf_counter()
+    out = fn()
+    return out, time.perf_counter() - start
+
+
 def bench_store(n_rows: int, n_files: int = 2000) -> None:
     import pyarrow.parquet as pq
 
@@ -78,13 +84,8 @@ def bench_store(n_rows: int, n_files: int = 2000) -> None:
         for i in range(n_rows)
     ]
     with tempfile.TemporaryDirectory() as store:
-        start = time.perf_counter()
-        for row in rows[:n_files]:
-            write_row(store, row)
-        write_s = time.perf_counter() - start
-        start = time.perf_counter()
-        got = read_table(store).num_rows
-        read_files_s = time.perf_counter() - start
+        _, write_s = _timed(lambda: [write_row(store, row) for row in rows[:n_files]])
+        got, read_files_s = _timed(lambda: read_table(store).num_rows)
         print(
             f"store: write {n_files / write_s:,.0f} rows/s (one atomic file per cell); "
             f"read {got / read_files_s:,.0f} rows/s from {got} per-cell files"
@@ -94,9 +95,7 @@ def bench_store(n_rows: int, n_files: int = 2000) -> None:
             chunk = rows[n_files + part :: 32]
             path = f"{store}/results/method=m{part % 4}/attack=a{part % 8}/part-bench{part}.parquet"
             pq.write_table(rows_to_table(chunk), path, compression="zstd")
-        start = time.perf_counter()
-        got = read_table(store).num_rows
-        read_s = time.perf_counter() - start
+        got, read_s = _timed(lambda: read_table(store).num_rows)
         print(
             f"store: read {got:,} rows from compacted partitions in {read_s:.3f} s "
             f"({got / read_s:,.0f} rows/s)"
@@ -137,8 +136,9 @@ def bench_train(steps: int = 30, batch: int = 64) -> None:
 
 
 def main(what: str, args) -> None:
-    {
-        "scheduler": lambda: bench_scheduler(args.cells),
-        "store": lambda: bench_store(args.rows),
-        "train": bench_train,
-    }[what]()
+    if what in ("scheduler", "all"):
+        bench_scheduler(args.cells)
+    if what in ("scheduler", "store", "all"):
+        bench_store(args.rows)
+    if what in ("train", "all"):
+        bench_train()

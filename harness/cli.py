@@ -196,7 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
     comp.add_argument("store", nargs="?", default=DEFAULT_STORE)
     comp.set_defaults(fn=cmd_compact)
     bench = sub.add_parser("bench", help="speed figures (printed, never asserted)")
-    bench.add_argument("what", choices=["scheduler", "store", "train"])
+    bench.add_argument("what", choices=["scheduler", "store", "train", "all"])
     bench.add_argument("--cells", type=int, default=1000)
     bench.add_argument("--rows", type=int, default=100_000)
     bench.set_defaults(fn=cmd_bench)

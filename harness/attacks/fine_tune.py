@@ -22,9 +22,11 @@ class FineTuneParams(BaseModel):
     data_fraction: float = Field(1.0, gt=0, le=1, description="share of the attacker split used")
 
 
-def attacker_subset(ctx, fraction: float):
+def train_on_attacker_data(model, ctx, fraction: float, epochs: int, lr: float, **kw) -> None:
+    """Supervised training on a seeded share of the attacker split (never the owner's)."""
     split = ctx.data.attacker
-    return split.take(max(1, round(fraction * len(split))), seed=ctx.seed)
+    data = split.take(max(1, round(fraction * len(split))), seed=ctx.seed)
+    fit(model, data.x, data.y, ctx.train, ctx.device, ctx.seed, epochs=epochs, lr=lr, **kw)
 
 
 @register("fine_tune")
@@ -38,17 +40,7 @@ class FineTune(Attack):
             model.to(ctx.device)
         last_layer = p.mode.endswith("ll")
         params = model.get_classifier().parameters() if last_layer else None
-        data = attacker_subset(ctx, p.data_fraction)
-        fit(
-            model,
-            data.x,
-            data.y,
-            ctx.train,
-            ctx.device,
-            ctx.seed,
-            params=params,
-            epochs=p.epochs,
-            lr=p.lr,
-            freeze_bn=last_layer,
+        train_on_attacker_data(
+            model, ctx, p.data_fraction, p.epochs, p.lr, params=params, freeze_bn=last_layer
         )
         return model, ctx.spec

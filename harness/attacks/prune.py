@@ -10,8 +10,7 @@ import torch.nn.utils.prune as tprune
 from pydantic import BaseModel, ConfigDict, Field
 
 from harness.attacks import Attack, register
-from harness.attacks.fine_tune import attacker_subset
-from harness.training import fit
+from harness.attacks.fine_tune import train_on_attacker_data
 
 
 class PruneParams(BaseModel):
@@ -44,17 +43,7 @@ class Prune(Attack):
         global_prune(model, p.sparsity, p.method)
         if p.fine_tune_epochs:
             masks = [(m.weight == 0) for m, _ in prunable(model)]
-            data = attacker_subset(ctx, p.data_fraction)
-            fit(
-                model,
-                data.x,
-                data.y,
-                ctx.train,
-                ctx.device,
-                ctx.seed,
-                epochs=p.fine_tune_epochs,
-                lr=p.lr,
-            )
+            train_on_attacker_data(model, ctx, p.data_fraction, p.fine_tune_epochs, p.lr)
             for (module, _), mask in zip(prunable(model), masks, strict=True):
                 module.weight.data[mask] = 0.0
         return model, ctx.spec
