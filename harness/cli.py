@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from collections import Counter
 
 from rich.console import Console
@@ -15,18 +16,13 @@ DEFAULT_STORE = "store"
 
 
 def cmd_validate(args) -> int:
-    from harness.cells import expand_cells
+    from harness.cells import distinct_jobs, expand_cells
     from harness.config import load_scenario
 
     scenario = load_scenario(args.scenario)
     cells = expand_cells(scenario, args.scenario)
-    victims = {c.victim_key(s) for c in cells for s in (c.seed, *c.null_seeds())}
-    stages = {
-        "train_victim": len(victims),
-        "embed": len({c.embed_key() for c in cells}),
-        "attack": len({c.attack_key() for c in cells}),
-        "verify": len(cells),
-    }
+    stages = Counter(job.stage for job in distinct_jobs(cells).values())
+    stages["verify"] = len(cells)
     print(f"{args.scenario}: ok — scenario {scenario.name!r}, {len(cells)} cells")
     print("  distinct stage tasks: " + ", ".join(f"{k} {v}" for k, v in stages.items()))
     for what, count in (
@@ -84,15 +80,21 @@ def _run_with_progress(scheduler, scenario, cells, args):
     )
     with Progress(*columns, console=console, disable=args.no_progress) as bar:
         task = bar.add_task("starting", total=len(cells))
-        bar.update(task, completed=0)
+        logged = {"at": time.monotonic(), "done": -1}
 
         def update(summary, running: int) -> None:
             done = summary.skipped + summary.ok + summary.failed
-            bar.update(
-                task,
-                completed=done,
-                description=f"ok {summary.ok} · failed {summary.failed} · running {running}",
-            )
+            text = f"ok {summary.ok} · failed {summary.failed} · running {running}"
+            bar.update(task, completed=done, description=text)
+            quiet = time.monotonic() - logged["at"] < 15 and done < len(cells)
+            if (
+                not console.is_terminal
+                and not args.no_progress
+                and not quiet
+                and done != logged["done"]
+            ):
+                console.print(f"{done}/{len(cells)} cells: {text}")  # logs and pipes get lines
+                logged.update(at=time.monotonic(), done=done)
 
         return scheduler.run_cells(
             cells,
@@ -106,25 +108,35 @@ def _run_with_progress(scheduler, scenario, cells, args):
 
 
 def _show(
-    store: str, scenario: str | None = None, by: tuple[str, ...] = ("method", "attack")
+    store: str,
+    scenario: str | None = None,
+    by: tuple[str, ...] = ("method", "attack"),
+    fmt: str = "table",
 ) -> None:
     from results import load
-    from results.analysis import summary
-    from results.report import render
+    from results.analysis import discriminability, summary
+    from results.report import markdown, render
 
     df = load(store)
     if scenario:
         df = df[df["scenario"] == scenario]
-    render(
-        summary(df, by),
-        title=f"{store}" + (f" · {scenario}" if scenario else ""),
-        console=Console(),
-    )
+    title = f"{store}" + (f" · {scenario}" if scenario else "")
+    tables = [(title, summary(df, by))]
+    disc = discriminability(df)
+    if not disc.empty:
+        tables.append(("discriminability (benign - malicious)", disc.drop(columns=["scenario"])))
+    for name, table in tables:
+        if fmt == "markdown":
+            print(f"\n**{name}**\n\n{markdown(table)}")
+        elif fmt == "csv":
+            print(table.to_csv(index=False))
+        else:
+            render(table, title=name, console=Console())
 
 
 def cmd_show(args) -> int:
     by = ("arch", "method", "attack") if args.by_arch else ("method", "attack")
-    _show(args.store, args.scenario, by)
+    _show(args.store, args.scenario, by, args.format)
     return 0
 
 
@@ -144,6 +156,65 @@ def cmd_list(args) -> int:
     }[args.what]()
     print("\n".join(n for n in names if fnmatch.fnmatch(n, args.filter)))
     return 0
+
+
+def cmd_tune(args) -> int:
+    from harness import scheduler, tuning
+    from harness.config import load_scenario
+    from harness.errors import ConfigError
+
+    scenario = load_scenario(args.scenario)
+    if scenario.tune is None:
+        raise ConfigError(
+            "no `tune:` section: nothing to search", file=args.scenario, field="tune", value=None
+        )
+    scheduler.connect(args.address, args.num_cpus)
+
+    def run(cells) -> None:
+        scheduler.run_cells(
+            cells,
+            args.store,
+            resources=scenario.resources,
+            max_retries=scenario.max_retries,
+            max_in_flight=args.max_in_flight or scenario.max_in_flight,
+        )
+
+    def report(result, study) -> None:
+        best = tuning.best_feasible(study)
+        params = ", ".join(f"{k}={v:.3g}" for k, v in result.params.items())
+        value = "-" if result.value is None else f"{result.value:+.4f}"
+        console.print(
+            f"trial {result.number:3d} {result.state:8s} disc_rel {value}  "
+            f"ssim_min {result.ssim_min:.3f}  keys {result.n_keys:.0f}  ({params})"
+            + (f"  (best: trial {best.number}, {best.value:+.4f})" if best else "")
+        )
+
+    study = tuning.tune(
+        scenario,
+        args.store,
+        run,
+        trials=args.trials,
+        parallel=args.parallel,
+        storage=args.storage,
+        on_trial=report,
+    )
+    out = tuning.best_fragment_path(args.store, scenario)
+    fragment = tuning.write_best(study, scenario, out)
+    if fragment is None:
+        console.print(
+            "[yellow]no feasible trial yet[/yellow] (constraints: key SSIM >= "
+            f"{scenario.tune.ssim_min}, >= {scenario.tune.min_keys} keys)"
+        )
+        return 0
+    console.print(f"best parameters -> {out}")
+    print(yaml_dump(fragment))
+    return 0
+
+
+def yaml_dump(data) -> str:
+    import yaml
+
+    return yaml.safe_dump(data, sort_keys=False)
 
 
 def cmd_compact(args) -> int:
@@ -191,7 +262,23 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("store", nargs="?", default=DEFAULT_STORE)
     show.add_argument("--scenario", default=None)
     show.add_argument("--by-arch", action="store_true", help="one row per architecture too")
+    show.add_argument("--format", choices=["table", "markdown", "csv"], default="table")
     show.set_defaults(fn=cmd_show)
+    tune = sub.add_parser("tune", help="Optuna over a method's loss weights (the `tune:` section)")
+    tune.add_argument("scenario")
+    tune.add_argument("--trials", type=int, default=8, help="finished trials the study should hold")
+    tune.add_argument("--parallel", type=int, default=2, help="trials whose cells run at once")
+    tune.add_argument(
+        "--storage",
+        default=None,
+        help="Optuna storage: a journal file path or an RDB URL shared by drivers "
+        "(default: STORE/optuna/journal.log)",
+    )
+    tune.add_argument("--store", default=DEFAULT_STORE)
+    tune.add_argument("--address", default=None)
+    tune.add_argument("--num-cpus", type=int, default=None)
+    tune.add_argument("--max-in-flight", type=int, default=None)
+    tune.set_defaults(fn=cmd_tune)
     comp = sub.add_parser("compact", help="merge per-cell Parquet files (fast scans of big stores)")
     comp.add_argument("store", nargs="?", default=DEFAULT_STORE)
     comp.set_defaults(fn=cmd_compact)

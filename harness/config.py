@@ -75,15 +75,45 @@ class Resources(Strict):
 
 
 class ComponentCfg(Strict):
-    """A method or attack: a bare name, or {name, params}; list values expand the grid."""
+    """A method or attack: a bare name, or {name, params}; list values expand the grid.
+
+    `role` labels an attack as a benign or a malicious modification (for methods such as
+    discriminative samples, whose figure of merit contrasts the two)."""
 
     name: str
     params: dict[str, Any] = {}
+    role: Literal["benign", "malicious"] | None = None
 
     @model_validator(mode="before")
     @classmethod
     def _from_name(cls, data: Any) -> Any:
         return {"name": data} if isinstance(data, str) else data
+
+
+class SearchRange(Strict):
+    low: float
+    high: float
+    log: bool = False
+
+    @model_validator(mode="after")
+    def _ordered(self) -> SearchRange:
+        if not self.low < self.high:
+            raise ValueError(f"low ({self.low}) must be below high ({self.high})")
+        if self.log and self.low <= 0:
+            raise ValueError("a log range needs low > 0")
+        return self
+
+
+class TuneCfg(Strict):
+    """`harness tune`: Optuna over one method's parameters; objective = mean discriminability
+    relative to the natural-image control over the scenario's (source, target) pairs."""
+
+    method: str = "discriminative"
+    space: dict[str, SearchRange] = Field(min_length=1)
+    ssim_min: float = Field(0.99, ge=0, le=1, description="constraint: min key SSIM")
+    min_keys: int = Field(10, ge=1, description="constraint: accepted keys per key set")
+    sampler: Literal["tpe", "random"] = "tpe"
+    seed: int = 0
 
 
 class Scenario(Strict):
@@ -99,6 +129,7 @@ class Scenario(Strict):
     max_in_flight: int | None = Field(None, ge=1)
     max_retries: int = Field(2, ge=0)
     reported: dict[str, Any] = {}
+    tune: TuneCfg | None = None
 
 
 def _field_path(loc: tuple) -> str:
@@ -283,3 +314,44 @@ def check_scenario(scenario: Scenario, file: str | None = None) -> None:
     except ConfigError as e:
         raise e.with_location(file, None if e.field else "dataset.name") from None
     expand_cells(scenario, file)
+    if scenario.tune is not None:
+        check_tune(scenario, file)
+
+
+def check_tune(scenario: Scenario, file: str | None) -> None:
+    """A tune section names a method of the scenario, its real parameters, and both roles."""
+    from harness.methods import METHODS
+    from harness.registry import close_match
+
+    tune = scenario.tune
+    names = [m.name for m in scenario.methods]
+    if tune.method not in names:
+        raise ConfigError(
+            "tune.method must be one of the scenario's methods",
+            file=file,
+            field="tune.method",
+            value=tune.method,
+            allowed=names,
+            hint=close_match(tune.method, names),
+        )
+    fields = sorted(METHODS.get(tune.method).Params.model_fields)
+    for name in tune.space:
+        if name not in fields:
+            raise ConfigError(
+                f"not a parameter of {tune.method}",
+                file=file,
+                field=f"tune.space.{name}",
+                value=name,
+                allowed=fields,
+                hint=close_match(name, fields),
+            )
+    roles = {a.role for a in scenario.attacks}
+    for role in ("benign", "malicious"):
+        if role not in roles:
+            raise ConfigError(
+                f"a tune scenario needs at least one attack with role: {role} "
+                "(discriminability contrasts benign and malicious modifications)",
+                file=file,
+                field="attacks",
+                value=[a.name for a in scenario.attacks],
+            )

@@ -20,7 +20,7 @@ from datetime import datetime, timezone
 import ray
 
 from harness import __version__, stages
-from harness.cells import Cell
+from harness.cells import Cell, Job, cell_id_of
 from harness.config import Resources
 from harness.errors import TransientError
 from results.store import ok_cell_ids, write_manifest, write_row
@@ -74,39 +74,35 @@ def _noop_verify(cell: dict, store: str, device: str, run: dict, *upstream: dict
     return {"cell_id": run.get("cell_id"), "status": "ok"}
 
 
-EXECUTORS: dict[str, dict[str, Callable]] = {
-    "real": {
-        "train_victim": stages.train_victim,
-        "embed": stages.embed,
-        "attack": stages.attack,
-        "verify": stages.verify,
-    },
-    "noop": {
-        "train_victim": _noop_stage,
-        "embed": _noop_stage,
-        "attack": _noop_stage,
-        "verify": _noop_verify,
-    },
+EXECUTORS: dict[str, tuple[Callable, Callable]] = {
+    "real": (stages.get_stage, stages.verify),  # stage name -> function; the verify function
+    "noop": (lambda name: _noop_stage, _noop_verify),
 }
 
 
-@ray.remote
-def stage_task(
-    executor: str, stage: str, cell: dict, key: str, store: str, *upstream: dict
-) -> dict:
+def stage_task(executor: str, stage: str, cell: dict, key: str, store: str, *upstream) -> dict:
     _inject_fault(stage)
-    return EXECUTORS[executor][stage](cell, key, store, _device(), *upstream)
+    return EXECUTORS[executor][0](stage)(cell, key, store, _device(), *upstream)
 
 
-@ray.remote
 def verify_task(
     executor: str, stage: str, cell: dict, cell_id: str, store: str, run: dict, *upstream: dict
 ) -> dict:
     _inject_fault("verify")
-    row = EXECUTORS[executor]["verify"](cell, store, _device(), run, *upstream)
+    row = EXECUTORS[executor][1](cell, store, _device(), run, *upstream)
     if executor == "real":
         write_row(store, row)
     return {"cell_id": cell_id, "status": row["status"], "error": row.get("error")}
+
+
+# `max_calls` is a decorator-only option: GPU tasks get their own remote functions whose
+# worker exits after one task, which frees its GPU memory.
+REMOTES = {
+    (False, False): ray.remote(stage_task),
+    (False, True): ray.remote(max_calls=1)(stage_task),
+    (True, False): ray.remote(verify_task),
+    (True, True): ray.remote(max_calls=1)(verify_task),
+}
 
 
 @ray.remote(num_cpus=0)
@@ -152,12 +148,7 @@ class StageGraph:
         self.store, self.executor, self.refs = store, executor, {}
         runtime_env = {"env_vars": env} if env else None
         self.tasks: dict[str, object] = {}
-        for stage, res in (
-            ("train_victim", "train"),
-            ("embed", "embed"),
-            ("attack", "attack"),
-            ("verify", "verify"),
-        ):
+        for res in ("train", "embed", "attack", "verify"):
             r = resources.for_stage(res)
             opts = {
                 "num_cpus": r.num_cpus,
@@ -165,33 +156,34 @@ class StageGraph:
                 "max_retries": max_retries,
                 "retry_exceptions": [TransientError],
             }
-            if r.num_gpus > 0:
-                opts["max_calls"] = 1  # free GPU memory between tasks
             if runtime_env:
                 opts["runtime_env"] = runtime_env
-            remote = verify_task if stage == "verify" else stage_task
-            self.tasks[stage] = remote.options(**opts)  # built once: `.options` is not free
+            remote = REMOTES[(res == "verify", r.num_gpus > 0)]
+            self.tasks[res] = remote.options(**opts)  # built once: `.options` is not free
 
-    def _stage(self, stage: str, cell: dict, key: str, *deps) -> ray.ObjectRef:
-        if key not in self.refs:
-            self.refs[key] = self.tasks[stage].remote(
-                self.executor, stage, cell, key, self.store, *deps
+    def _submit(self, job: Job) -> ray.ObjectRef:
+        ref = self.refs.get(job.key)
+        if ref is None:
+            deps = [self._submit(d) for d in job.deps]
+            ref = self.tasks[job.resources].remote(
+                self.executor, job.stage, job.cell.to_dict(), job.key, self.store, *deps
             )
-        return self.refs[key]
+            self.refs[job.key] = ref
+        return ref
 
     def submit(self, cell: Cell, run: dict) -> ray.ObjectRef:
-        d = cell.to_dict()
-        victim = self._stage("train_victim", d, cell.victim_key())
-        nulls = [
-            self._stage("train_victim", {**d, "seed": s}, cell.victim_key(s))
-            for s in cell.null_seeds()
-        ]
-        marked = self._stage("embed", d, cell.embed_key(), victim, *nulls)
-        attacked = self._stage("attack", d, cell.attack_key(), marked)
-        cell_id = cell.cell_id
-        run = {**run, "cell_id": cell_id}
+        attack = cell.attack_job()
+        embed = attack.deps[0]
+        refs = [self._submit(job) for job in (embed.deps[0], embed, attack)]
+        cell_id = cell_id_of(cell.scenario, attack.key, cell.attack_role, cell.trial)
         return self.tasks["verify"].remote(
-            self.executor, "verify", d, cell_id, self.store, run, victim, marked, attacked
+            self.executor,
+            "verify",
+            cell.to_dict(),
+            cell_id,
+            self.store,
+            {**run, "cell_id": cell_id},
+            *refs,
         )
 
 
@@ -224,10 +216,10 @@ def run_cells(
         "cells": len(cells),
         "skipped": summary.skipped,
     }
-    if executor == "real":
-        write_manifest(store, run_id, record)
     window = max_in_flight or max(8, 4 * int(ray.cluster_resources().get("CPU", 1)))
     graph = StageGraph(store, resources, max_retries, executor, env)
+    if executor == "real":
+        write_manifest(store, run_id, record)
     start = time.perf_counter()
     try:
         _drive(graph, iter(todo), run, window, summary, progress)

@@ -21,7 +21,7 @@ from typing import Any
 from harness import __version__
 from harness.artifacts import ArtifactStore
 from harness.attacks import create_attack
-from harness.cells import Cell, canonical
+from harness.cells import Cell, Job, canonical
 from harness.config import DatasetCfg, TrainCfg
 from harness.context import Context
 from harness.data import load_splits
@@ -92,14 +92,13 @@ def train_victim(cell: Cell, key: str, artifacts: ArtifactStore, device: str) ->
 
 @stage("embed")
 def embed(
-    cell: Cell, key: str, artifacts: ArtifactStore, device: str, victim: dict, *nulls: dict
+    cell: Cell, key: str, artifacts: ArtifactStore, device: str, victim: dict, *deps: dict
 ) -> dict:
     ctx = _context(cell, device)
     model, _ = artifacts.load_model(victim, device)
-    null_models = [artifacts.load_model(m, device)[0] for m in nulls]
     method = create_method(cell.method, cell.method_params)
     seed_everything(cell.seed)
-    marked, secret = method.embed(model, ctx, null_models)
+    marked, secret = method.embed(model, ctx, list(deps), artifacts)
     score = method.verify(marked, secret, ctx)
     meta = {
         "spec": victim["spec"],
@@ -111,6 +110,13 @@ def embed(
             "embed", key, meta, model_ref=tuple(victim["model_ref"]), secret=secret
         )
     return artifacts.save("embed", key, meta, model=marked, secret=secret)
+
+
+def _aux(cell: Cell, key: str, artifacts: ArtifactStore, device: str, *deps: dict, step: str):
+    ctx = _context(cell, device)
+    seed_everything(cell.seed)
+    method = create_method(cell.method, cell.method_params)
+    return method.run_aux(step, cell, ctx, artifacts, key, list(deps))
 
 
 def _changed(meta: dict, model, artifacts: ArtifactStore) -> bool:
@@ -156,6 +162,8 @@ def verify(
     }
     seconds["verify"] = time.perf_counter() - start
     row.update(stage_seconds=seconds, duration_s=sum(seconds.values()))
+    if c.trial is not None:  # a `harness tune` trial's cells carry its number
+        row["metrics"] = {**(row.get("metrics") or {}), "trial": float(c.trial)}
     return row
 
 
@@ -170,6 +178,7 @@ def _base_row(c: Cell, device: str, run: dict) -> dict[str, Any]:
         "method_params": canonical(c.method_params),
         "attack": c.attack,
         "attack_params": canonical(c.attack_params),
+        "attack_role": c.attack_role,
         "seed": c.seed,
         "status": "ok",
         "node": socket.gethostname(),
@@ -209,18 +218,35 @@ def _measure(c: Cell, store: str, device: str, victim: dict, marked: dict, attac
     return out
 
 
+STAGES: dict[str, Callable] = {"train_victim": train_victim, "embed": embed, "attack": attack}
+
+
+def get_stage(name: str) -> Callable:
+    """A stage function by name; `aux/<step>` names a method's own stage (made on first use)."""
+    if name not in STAGES and name.startswith("aux/"):
+        step = name.removeprefix("aux/")
+        STAGES[name] = stage(name)(functools.partial(_aux, step=step))
+    return STAGES[name]
+
+
+def run_job(job: Job, store: str, device: str, done: dict[str, dict] | None = None) -> dict:
+    """A job and, first, its upstream jobs, in this process (memoised by key)."""
+    done = {} if done is None else done
+    if job.key not in done:
+        upstream = [run_job(dep, store, device, done) for dep in job.deps]
+        done[job.key] = get_stage(job.stage)(job.cell.to_dict(), job.key, store, device, *upstream)
+    return done[job.key]
+
+
 def run_cell(cell: Cell, store: str, device: str = "cpu", run: dict | None = None) -> dict:
     """All stages of one cell in this process (tests, debugging); writes and returns its row."""
     from results.store import write_row
 
-    d = cell.to_dict()
-    victim = train_victim(d, cell.victim_key(), store, device)
-    nulls = [
-        train_victim(cell.with_seed(s).to_dict(), cell.victim_key(s), store, device)
-        for s in cell.null_seeds()
-    ]
-    marked = embed(d, cell.embed_key(), store, device, victim, *nulls)
-    attacked = attack(d, cell.attack_key(), store, device, marked)
-    row = verify(d, store, device, run or {}, victim, marked, attacked)
+    done: dict[str, dict] = {}
+    attack_job = cell.attack_job()
+    embed_job = attack_job.deps[0]
+    attacked = run_job(attack_job, store, device, done)
+    victim, marked = done[cell.victim_key()], done[embed_job.key]
+    row = verify(cell.to_dict(), store, device, run or {}, victim, marked, attacked)
     write_row(store, row)
     return row

@@ -100,3 +100,35 @@ class LeNet(nn.Module):
     def reset_classifier(self, num_classes: int) -> None:
         self.num_classes = num_classes
         self.fc = nn.Linear(64, num_classes)
+
+
+@OWN_MODELS.register("resnet50_mlp512")
+def resnet50_mlp512(spec: ModelSpec) -> nn.Module:
+    """timm ResNet-50 with the 2048-512-C head of the discriminative-samples paper."""
+    return MLPHead(
+        timm.create_model("resnet50", pretrained=False, num_classes=0, in_chans=spec.in_chans),
+        hidden=512,
+        num_classes=spec.num_classes,
+    )
+
+
+class MLPHead(nn.Module):
+    """A pooled-feature backbone with a two-layer head; RT* attacks re-initialise the head."""
+
+    def __init__(self, backbone: nn.Module, hidden: int, num_classes: int) -> None:
+        super().__init__()
+        self.backbone, self.hidden = backbone, hidden
+        self.reset_classifier(num_classes)
+
+    def forward(self, x):
+        return self.head(self.backbone(x))
+
+    def get_classifier(self) -> nn.Module:
+        return self.head
+
+    def reset_classifier(self, num_classes: int) -> None:
+        self.num_classes = num_classes
+        self.head = nn.Sequential(
+            nn.Linear(self.backbone.num_features, self.hidden), nn.ReLU(),
+            nn.Linear(self.hidden, num_classes),
+        )

@@ -57,3 +57,47 @@ def summary(df: pd.DataFrame, by: tuple[str, ...] = ("method", "attack")) -> pd.
         removed=("wm_removed", "mean"),
     )
     return agg.reset_index()
+
+
+def _metric(df: pd.DataFrame, name: str) -> pd.Series:
+    return df["metrics"].map(lambda m: (m or {}).get(name, float("nan"))).astype(float)
+
+
+def discriminability(df: pd.DataFrame) -> pd.DataFrame:
+    """Per (source, target) pair of the discriminative-samples method: key accuracy under the
+    benign modifications minus under the malicious ones, beside the same figure for natural
+    test images (the control) and their difference `disc_rel` — how much more the keys
+    separate benign from malicious than natural images do."""
+    d = df[(df["status"] == "ok") & df["attack_role"].isin(["benign", "malicious"])]
+    d = d[d["wm_metric"] == "key_acc"]
+    if d.empty:
+        return pd.DataFrame()
+    params = d["method_params"].map(json.loads)
+    d = d.assign(
+        source=[p.get("source_arch") or a for p, a in zip(params, d["arch"], strict=True)],
+        target=d["arch"],
+        settings=label(d, "method", "method_params"),
+        control_acc=_metric(d, "control_acc"),
+        ssim_min=_metric(d, "ssim_min"),
+        ssim_mean=_metric(d, "ssim_mean"),
+        n_keys=_metric(d, "n_keys"),
+    )
+    keys = ["scenario", "settings", "source", "target"]
+    by_role = d.groupby([*keys, "attack_role"])[["wm_score_attacked", "control_acc"]].mean()
+    wide = by_role.unstack("attack_role")
+    out = pd.DataFrame(
+        {
+            "key_acc_unmodified": d.groupby(keys)["wm_score_marked"].mean(),
+            "key_benign": wide[("wm_score_attacked", "benign")],
+            "key_malicious": wide[("wm_score_attacked", "malicious")],
+            "control_benign": wide[("control_acc", "benign")],
+            "control_malicious": wide[("control_acc", "malicious")],
+            "ssim_min": d.groupby(keys)["ssim_min"].min(),
+            "ssim_mean": d.groupby(keys)["ssim_mean"].mean(),
+            "n_keys": d.groupby(keys)["n_keys"].min(),
+        }
+    )
+    out["disc"] = out["key_benign"] - out["key_malicious"]
+    out["disc_control"] = out["control_benign"] - out["control_malicious"]
+    out["disc_rel"] = out["disc"] - out["disc_control"]
+    return out.reset_index()

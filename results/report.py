@@ -28,3 +28,13 @@ def render(df: pd.DataFrame, title: str = "", console: Console | None = None) ->
     for row in df.itertuples(index=False):
         table.add_row(*map(_fmt, row))
     console.print(table)
+
+
+def markdown(df: pd.DataFrame) -> str:
+    """A GitHub-flavoured Markdown table (for READMEs and notes), no extra dependency."""
+    if df.empty:
+        return "_no results_"
+    head = "| " + " | ".join(map(str, df.columns)) + " |"
+    rule = "|" + "|".join("---:" if df[c].dtype.kind in "fiu" else "---" for c in df.columns) + "|"
+    body = ["| " + " | ".join(map(_fmt, row)) + " |" for row in df.itertuples(index=False)]
+    return "\n".join([head, rule, *body])

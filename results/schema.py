@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: attack_role
 
 _str, _f64 = pa.string(), pa.float64()
 _map = pa.map_(pa.string(), pa.float64())
@@ -25,6 +25,7 @@ SCHEMA = pa.schema(
         pa.field("method_params", _str),  # canonical JSON
         pa.field("attack", _str),
         pa.field("attack_params", _str),  # canonical JSON
+        pa.field("attack_role", _str),  # "benign" | "malicious" | null (schema 2)
         pa.field("seed", pa.int64()),
         pa.field("status", _str),  # "ok" | "failed"
         pa.field("error", _str),

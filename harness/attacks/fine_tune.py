@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Literal
 
+import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from harness.attacks import Attack, register
@@ -20,13 +21,22 @@ class FineTuneParams(BaseModel):
     epochs: int = Field(2, ge=1)
     lr: float = Field(0.01, gt=0)
     data_fraction: float = Field(1.0, gt=0, le=1, description="share of the attacker split used")
+    label_noise: float = Field(0.0, ge=0, le=1, description="share of labels drawn at random")
 
 
-def train_on_attacker_data(model, ctx, fraction: float, epochs: int, lr: float, **kw) -> None:
-    """Supervised training on a seeded share of the attacker split (never the owner's)."""
+def train_on_attacker_data(
+    model, ctx, fraction: float, epochs: int, lr: float, label_noise: float = 0.0, **kw
+) -> None:
+    """Supervised training on a seeded share of the attacker split (never the owner's);
+    `label_noise` resamples that share of the labels uniformly (a malicious fine-tune)."""
     split = ctx.data.attacker
     data = split.take(max(1, round(fraction * len(split))), seed=ctx.seed)
-    fit(model, data.x, data.y, ctx.train, ctx.device, ctx.seed, epochs=epochs, lr=lr, **kw)
+    y = data.y
+    if label_noise:
+        g = torch.Generator().manual_seed(ctx.seed + 1)
+        noisy = torch.rand(len(y), generator=g) < label_noise
+        y = torch.where(noisy, torch.randint(0, ctx.data.num_classes, (len(y),), generator=g), y)
+    fit(model, data.x, y, ctx.train, ctx.device, ctx.seed, epochs=epochs, lr=lr, **kw)
 
 
 @register("fine_tune")
@@ -41,6 +51,13 @@ class FineTune(Attack):
         last_layer = p.mode.endswith("ll")
         params = model.get_classifier().parameters() if last_layer else None
         train_on_attacker_data(
-            model, ctx, p.data_fraction, p.epochs, p.lr, params=params, freeze_bn=last_layer
+            model,
+            ctx,
+            p.data_fraction,
+            p.epochs,
+            p.lr,
+            p.label_noise,
+            params=params,
+            freeze_bn=last_layer,
         )
         return model, ctx.spec

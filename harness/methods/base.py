@@ -30,16 +30,25 @@ class Method:
     version: ClassVar[str] = "1"
     Params: ClassVar[type[BaseModel]] = NoParams
     wm_metric: ClassVar[str | None] = None
+    # False for non-intrusive methods (keys verify an unchanged model), where "an unmarked
+    # model is not detected" does not apply: the unmarked model *is* the protected one.
+    marks_weights: ClassVar[bool] = True
 
     def __init__(self, params: dict[str, Any] | None = None) -> None:
         self.params = self.Params(**(params or {}))
 
-    def null_seeds(self, seed: int) -> list[int]:
-        """Seeds of unmarked victims this method calibrates its threshold on."""
+    def aux_jobs(self, cell) -> list:
+        """Extra upstream stages the embedding needs (null models, key generation, ...).
+
+        Each is a `harness.cells.Job`; `train_victim` jobs are ordinary victims, `aux/<step>`
+        jobs run `run_aux(step, ...)`. Their metas reach `embed` as `deps`, in this order."""
         return []
 
+    def run_aux(self, step: str, cell, ctx: Context, artifacts, key: str, deps: list[dict]) -> dict:
+        raise NotImplementedError(f"{self.name} declares no aux step {step!r}")
+
     def embed(
-        self, victim: nn.Module, ctx: Context, null_models: list[nn.Module]
+        self, victim: nn.Module, ctx: Context, deps: list[dict], artifacts
     ) -> tuple[nn.Module, dict[str, Any]]:
         """Return the marked model and the secret key material (saved under artifacts/ only)."""
         raise NotImplementedError

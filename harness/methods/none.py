@@ -7,7 +7,7 @@ from harness.methods import Method, WatermarkScore, register
 
 @register("none")
 class NoWatermark(Method):
-    def embed(self, victim, ctx, null_models):
+    def embed(self, victim, ctx, deps, artifacts):
         return victim, {}
 
     def verify(self, model, key, ctx) -> WatermarkScore:

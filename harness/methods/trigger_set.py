@@ -53,10 +53,12 @@ class TriggerSet(Method):
     Params = TriggerSetParams
     wm_metric = "trigger_acc"
 
-    def null_seeds(self, seed: int) -> list[int]:
-        return [seed + 1 + i for i in range(self.params.n_null)]
+    def aux_jobs(self, cell) -> list:
+        """Null models: plain victims of the next `n_null` seeds (shared with those cells)."""
+        return [cell.victim_job(seed=cell.seed + 1 + i) for i in range(self.params.n_null)]
 
-    def embed(self, victim, ctx, null_models):
+    def embed(self, victim, ctx, deps, artifacts):
+        null_models = [artifacts.load_model(m, ctx.device)[0] for m in deps]
         p, d = self.params, ctx.data
         x, y = make_triggers(
             p.n_keys, d.channels, d.image_size, d.num_classes, p.pattern, ctx.seed + 7919

@@ -17,6 +17,7 @@ from harness.stages import _context, run_cell
 
 TINY_PARAMS = {
     "trigger_set": {"n_keys": 20, "n_null": 2, "epochs": 6},
+    "discriminative": {"n_keys": 20, "steps": 200, "alpha": 0.002, "n_control": 20},
     "fine_tune": {"epochs": 1},
     "prune": {"sparsity": 0.5},
     "distill": {"epochs": 1, "student_arch": "lenet"},
@@ -29,8 +30,17 @@ VOLATILE = {"run_id", "created_at", "duration_s", "stage_seconds", "node", "git_
 def make_cell(method: str, attack: str, seed: int = 0) -> Cell:
     mp = METHODS.get(method).Params(**TINY_PARAMS.get(method, {})).model_dump(mode="json")
     ap = ATTACKS.get(attack).Params(**TINY_PARAMS.get(attack, {})).model_dump(mode="json")
-    return Cell("contract", DATASET.model_dump(mode="json"), TRAIN.model_dump(mode="json"),
-                "lenet", method, mp, attack, ap, seed)
+    return Cell(
+        "contract",
+        DATASET.model_dump(mode="json"),
+        TRAIN.model_dump(mode="json"),
+        "lenet",
+        method,
+        mp,
+        attack,
+        ap,
+        seed,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +59,12 @@ def test_every_method_survives_every_attack_as_a_valid_row(method, attack, store
         assert row["wm_score_attacked"] is not None and row["wm_threshold"] is not None
 
 
-@pytest.mark.parametrize("method", [m for m in METHODS.list() if METHODS.get(m).wm_metric])
+WEIGHT_MARKING = [
+    m for m in METHODS.list() if METHODS.get(m).wm_metric and METHODS.get(m).marks_weights
+]
+
+
+@pytest.mark.parametrize("method", WEIGHT_MARKING)
 def test_marked_model_is_detected_and_unmarked_is_not(method, store):
     cell = make_cell(method, "identity")
     row = run_cell(cell, store)
@@ -57,7 +72,9 @@ def test_marked_model_is_detected_and_unmarked_is_not(method, store):
     artifacts = ArtifactStore(store)
     victim, spec = artifacts.load_model(artifacts.load_meta("train_victim", cell.victim_key()))
     secret = artifacts.load_secret("embed", cell.embed_key())
-    score = create_method(method, cell.method_params).verify(victim, secret, _context(cell, "cpu", spec))
+    score = create_method(method, cell.method_params).verify(
+        victim, secret, _context(cell, "cpu", spec)
+    )
     assert not score.detected, f"{method}: unmarked victim detected ({score.score})"
 
 

@@ -21,8 +21,9 @@ SPEC = ModelSpec("lenet", NUM_CLASSES, 1, 16)
 
 @pytest.fixture(scope="module")
 def ctx() -> Context:
-    dataset = DatasetCfg(name="synthetic", image_size=16, channels=1, samples=150,
-                         num_classes=NUM_CLASSES)
+    dataset = DatasetCfg(
+        name="synthetic", image_size=16, channels=1, samples=150, num_classes=NUM_CLASSES
+    )
     train = TrainCfg(epochs=1, batch_size=32, lr=0.05)
     return Context(data=load_splits(dataset), train=train, spec=SPEC, device="cpu", seed=0)
 
@@ -156,10 +157,12 @@ def no_training(*args, **kwargs) -> dict:
     return {}
 
 
-@pytest.mark.parametrize(("mode", "head_reset"), [("rtal", True), ("rtll", True),
-                                                  ("ftal", False), ("ftll", False)])
-def test_rt_modes_reinitialise_the_head(ctx: Context, model: nn.Module, monkeypatch,
-                                        mode: str, head_reset: bool) -> None:
+@pytest.mark.parametrize(
+    ("mode", "head_reset"), [("rtal", True), ("rtll", True), ("ftal", False), ("ftll", False)]
+)
+def test_rt_modes_reinitialise_the_head(
+    ctx: Context, model: nn.Module, monkeypatch, mode: str, head_reset: bool
+) -> None:
     """With training stubbed out, only the re-initialisation of RT* can change the model."""
     monkeypatch.setattr("harness.attacks.fine_tune.fit", no_training)
     before = snapshot(model)
@@ -179,18 +182,21 @@ def test_rtal_trains_everything_with_a_new_head(ctx: Context, model: nn.Module) 
 
 
 @pytest.mark.parametrize("mode", ["ftll", "rtll"])
-def test_last_layer_modes_change_only_the_classifier(ctx: Context, model: nn.Module,
-                                                     mode: str) -> None:
+def test_last_layer_modes_change_only_the_classifier(
+    ctx: Context, model: nn.Module, mode: str
+) -> None:
     before = snapshot(model)
     out, _ = create_attack("fine_tune", {"mode": mode, "epochs": 1}).apply(model, ctx)
     assert changed_keys(before, out) == head_keys(out)  # BatchNorm statistics frozen too
 
 
-def test_fine_tune_uses_the_attacker_split_fraction(ctx: Context, model: nn.Module,
-                                                    monkeypatch) -> None:
+def test_fine_tune_uses_the_attacker_split_fraction(
+    ctx: Context, model: nn.Module, monkeypatch
+) -> None:
     seen: list[int] = []
-    monkeypatch.setattr("harness.attacks.fine_tune.fit",
-                        lambda m, x, y, *a, **k: seen.append(len(x)))
+    monkeypatch.setattr(
+        "harness.attacks.fine_tune.fit", lambda m, x, y, *a, **k: seen.append(len(x))
+    )
     create_attack("fine_tune", {"data_fraction": 0.5}).apply(model, ctx)
     assert seen == [round(0.5 * len(ctx.data.attacker))]
 
@@ -198,8 +204,9 @@ def test_fine_tune_uses_the_attacker_split_fraction(ctx: Context, model: nn.Modu
 # --- distill and identity ----------------------------------------------------------------------
 
 
-def test_distill_returns_a_model_of_the_student_arch(ctx: Context, model: nn.Module,
-                                                     monkeypatch) -> None:
+def test_distill_returns_a_model_of_the_student_arch(
+    ctx: Context, model: nn.Module, monkeypatch
+) -> None:
     import harness.attacks.distill as distill
 
     queried: list[int] = []
@@ -230,14 +237,16 @@ def test_distill_trains_for_its_own_epochs(ctx: Context, model: nn.Module, monke
         epochs.append(kwargs["epochs"] if kwargs.get("epochs") is not None else cfg.epochs)
 
     monkeypatch.setattr(distill, "fit", record)
-    three_epochs = Context(ctx.data, ctx.train.model_copy(update={"epochs": 3}), ctx.spec,
-                           ctx.device, ctx.seed)
+    three_epochs = Context(
+        ctx.data, ctx.train.model_copy(update={"epochs": 3}), ctx.spec, ctx.device, ctx.seed
+    )
     create_attack("distill", {"epochs": 1}).apply(model, three_epochs)
     assert epochs == [1]
 
 
-def test_distill_defaults_to_a_fresh_model_of_the_victim_arch(ctx: Context,
-                                                              model: nn.Module) -> None:
+def test_distill_defaults_to_a_fresh_model_of_the_victim_arch(
+    ctx: Context, model: nn.Module
+) -> None:
     before = snapshot(model)
     student, spec = create_attack("distill", {"epochs": 1, "hard_labels": True}).apply(model, ctx)
     assert spec == ctx.spec

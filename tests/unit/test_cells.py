@@ -25,8 +25,11 @@ BASE: dict[str, Any] = {
     "seeds": [0, 1],
     "archs": ["lenet", "resnet10t"],
     "methods": ["none", {"name": "trigger_set", "params": {"n_keys": [5, 10]}}],
-    "attacks": ["identity", {"name": "prune", "params": {"sparsity": [0.3, 0.6]}},
-                {"name": "quantize", "params": {"bits": 4}}],
+    "attacks": [
+        "identity",
+        {"name": "prune", "params": {"sparsity": [0.3, 0.6]}},
+        {"name": "quantize", "params": {"bits": 4}},
+    ],
 }
 
 
@@ -64,12 +67,20 @@ def test_ids_are_stable_within_and_across_expansions(cells: list[Cell]) -> None:
 
 def test_ids_are_stable_across_processes(cell: Cell) -> None:
     """No dependence on Python's per-process hash seed or on import order."""
-    code = ("import json, sys; from harness.cells import Cell; "
-            "c = Cell.from_dict(json.loads(sys.argv[1])); "
-            "print(c.victim_key(), c.embed_key(), c.attack_key(), c.cell_id)")
+    code = (
+        "import json, sys; from harness.cells import Cell; "
+        "c = Cell.from_dict(json.loads(sys.argv[1])); "
+        "print(c.victim_key(), c.embed_key(), c.attack_key(), c.cell_id)"
+    )
     env = {**os.environ, "PYTHONHASHSEED": "12345"}
-    out = subprocess.run([sys.executable, "-c", code, json.dumps(cell.to_dict())], env=env,
-                         capture_output=True, text=True, check=True, timeout=120).stdout
+    out = subprocess.run(
+        [sys.executable, "-c", code, json.dumps(cell.to_dict())],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=120,
+    ).stdout
     assert tuple(out.split()) == keys(cell)
 
 
@@ -102,8 +113,18 @@ def changed(cell: Cell, **changes: Any) -> Cell:
         (lambda c: changed(c, attack="identity", attack_params={}), 2),
         (lambda c: changed(c, scenario="other"), 3),
     ],
-    ids=["seed", "arch", "image_size", "split_seed", "train", "method_param", "method",
-         "attack_param", "attack", "scenario"],
+    ids=[
+        "seed",
+        "arch",
+        "image_size",
+        "split_seed",
+        "train",
+        "method_param",
+        "method",
+        "attack_param",
+        "attack",
+        "scenario",
+    ],
 )
 def test_keys_change_exactly_from_the_stage_that_depends_on_a_field(
     cell: Cell, change, first_changed: int
@@ -125,7 +146,8 @@ def test_embed_key_is_independent_of_attack(cells: list[Cell]) -> None:
     marked: dict[tuple, set[str]] = {}
     for c in cells:
         marked.setdefault((c.arch, c.seed, c.method, json.dumps(c.method_params)), set()).add(
-            c.embed_key())
+            c.embed_key()
+        )
     assert all(len(v) == 1 for v in marked.values())
     assert len({c.attack_key() for c in cells}) == len(cells)
 
@@ -144,9 +166,10 @@ def test_plugin_version_bump_changes_downstream_keys(cell: Cell, monkeypatch) ->
 
 def test_null_seed_victims_match_other_cells_victims(cells: list[Cell]) -> None:
     c = next(c for c in cells if c.method == "trigger_set")
-    assert c.null_seeds()
-    for s in c.null_seeds():
-        assert c.victim_key(s) == c.with_seed(s).victim_key()
+    nulls = [job for job in c.embed_job().deps[1:] if job.stage == "train_victim"]
+    assert nulls and all(job.cell.arch == c.arch and job.cell.seed != c.seed for job in nulls)
+    for job in nulls:
+        assert job.key == c.victim_key(job.cell.seed)
     seed1 = next(x for x in cells if x.arch == c.arch and x.seed == 1)
     assert c.victim_key(1) == seed1.victim_key()
 
@@ -175,8 +198,12 @@ def test_grid_has_no_duplicate_ids(cells: list[Cell]) -> None:
         {"methods": ["none", "none"]},
         {"attacks": ["prune", {"name": "prune", "params": {"sparsity": 0.5}}]},
         {"attacks": [{"name": "prune", "params": {"sparsity": [0.5, 0.5]}}]},
-        {"attacks": [{"name": "quantize", "params": {"bits": [8, 8], "granularity": "per_channel"}},
-                     "quantize"]},
+        {
+            "attacks": [
+                {"name": "quantize", "params": {"bits": [8, 8], "granularity": "per_channel"}},
+                "quantize",
+            ]
+        },
     ],
     ids=["seeds", "archs", "methods", "default_equals_explicit", "param_list", "mixed"],
 )

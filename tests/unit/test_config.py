@@ -28,8 +28,13 @@ BASE: dict[str, Any] = {
     "attacks": ["identity"],
 }
 
-PRUNE_DEFAULTS = {"sparsity": 0.5, "method": "l1", "fine_tune_epochs": 0, "lr": 0.01,
-                  "data_fraction": 1.0}
+PRUNE_DEFAULTS = {
+    "sparsity": 0.5,
+    "method": "l1",
+    "fine_tune_epochs": 0,
+    "lr": 0.01,
+    "data_fraction": 1.0,
+}
 
 
 def write(tmp_path: Path, data: dict, name: str = "scenario.yaml") -> Path:
@@ -135,14 +140,22 @@ def test_unknown_key_in_resources_and_in_a_component(tmp_path: Path) -> None:
     err, _ = config_error(tmp_path, scenario_with(resources={"attack": {"num_gpu": 1}}))
     assert (err.field, err.hint) == ("resources.attack.num_gpu", "num_gpus")
     err, _ = config_error(tmp_path, scenario_with(attacks=[{"name": "prune", "param": {}}]))
-    assert (err.field, err.hint, err.allowed) == ("attacks[0].param", "params", ["name", "params"])
+    assert (err.field, err.hint, err.allowed) == (
+        "attacks[0].param",
+        "params",
+        ["name", "params", "role"],
+    )
 
 
 def test_unknown_method_param_key(tmp_path: Path) -> None:
     data = scenario_with(attacks=["identity", {"name": "prune", "params": {"sparsty": 0.5}}])
     err, path = config_error(tmp_path, data)
     assert (err.file, err.field, err.value, err.hint) == (
-        str(path), "attacks[1].params.sparsty", 0.5, "sparsity")
+        str(path),
+        "attacks[1].params.sparsty",
+        0.5,
+        "sparsity",
+    )
     assert err.allowed == sorted(PRUNE_DEFAULTS)
 
 
@@ -158,19 +171,39 @@ def test_unknown_arch_has_close_match(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("changes", "field", "value", "hint", "allowed"),
     [
-        ({"methods": ["none", "trigger_sett"]}, "methods[1].name", "trigger_sett", "trigger_set",
-         ["none", "trigger_set"]),
-        ({"attacks": [{"name": "prun", "params": {"sparsity": 0.3}}]}, "attacks[0].name", "prun",
-         "prune", ["distill", "fine_tune", "identity", "prune", "quantize"]),
-        ({"dataset": {"name": "digit"}}, "dataset.name", "digit", "digits",
-         ["cifar10", "cifar100", "digits", "imagefolder", "synthetic"]),
+        (
+            {"methods": ["none", "trigger_sett"]},
+            "methods[1].name",
+            "trigger_sett",
+            "trigger_set",
+            ["discriminative", "none", "trigger_set"],
+        ),
+        (
+            {"attacks": [{"name": "prun", "params": {"sparsity": 0.3}}]},
+            "attacks[0].name",
+            "prun",
+            "prune",
+            ["distill", "fine_tune", "identity", "prune", "quantize"],
+        ),
+        (
+            {"dataset": {"name": "digit"}},
+            "dataset.name",
+            "digit",
+            "digits",
+            ["cifar10", "cifar100", "digits", "imagefolder", "synthetic"],
+        ),
     ],
 )
 def test_unknown_registered_name(tmp_path: Path, changes, field, value, hint, allowed) -> None:
     err, path = config_error(tmp_path, scenario_with(**changes))
     assert isinstance(err, UnknownNameError)
     assert (err.file, err.field, err.value, err.hint, err.allowed) == (
-        str(path), field, value, hint, allowed)
+        str(path),
+        field,
+        value,
+        hint,
+        allowed,
+    )
     text = str(err)
     assert f"Did you mean {hint!r}?" in text
     assert "Allowed: " + ", ".join(allowed) in text
@@ -185,8 +218,9 @@ def test_sparsity_outside_unit_interval(tmp_path: Path, sparsity) -> None:
     assert ("than or equal to 1" if bad > 1 else "than or equal to 0") in str(err)
 
 
-@pytest.mark.parametrize(("bits", "bound"), [(0, "greater than or equal to 1"),
-                                             (17, "less than or equal to 16")])
+@pytest.mark.parametrize(
+    ("bits", "bound"), [(0, "greater than or equal to 1"), (17, "less than or equal to 16")]
+)
 def test_bits_outside_1_to_16(tmp_path: Path, bits: int, bound: str) -> None:
     data = scenario_with(attacks=[{"name": "quantize", "params": {"bits": [8, bits]}}])
     err, _ = config_error(tmp_path, data)
@@ -198,7 +232,10 @@ def test_unknown_distill_student_arch(tmp_path: Path) -> None:
     data = scenario_with(attacks=[{"name": "distill", "params": {"student_arch": "resnet10"}}])
     err, path = config_error(tmp_path, data)
     assert (err.file, err.field, err.value) == (
-        str(path), "attacks[0].params.student_arch", "resnet10")
+        str(path),
+        "attacks[0].params.student_arch",
+        "resnet10",
+    )
     assert "unknown architecture" in str(err)
     assert "Did you mean 'resnet10t'?" in str(err)
 
@@ -278,8 +315,9 @@ def test_missing_required_field(tmp_path: Path) -> None:
 
 
 def test_empty_list_value_expands_to_nothing(tmp_path: Path) -> None:
-    err, _ = config_error(tmp_path, scenario_with(attacks=[{"name": "prune",
-                                                             "params": {"sparsity": []}}]))
+    err, _ = config_error(
+        tmp_path, scenario_with(attacks=[{"name": "prune", "params": {"sparsity": []}}])
+    )
     assert err.field == "attacks[0].params.sparsity"
 
 
@@ -300,9 +338,14 @@ def test_cell_count_is_product_of_axes(tmp_path: Path) -> None:
         seeds=[0, 1, 2],
         archs=["lenet", "resnet10t"],
         methods=["none", {"name": "trigger_set", "params": {"n_keys": [10, 20]}}],
-        attacks=["identity", {"name": "prune", "params": {"sparsity": [0.3, 0.6]}},
-                 {"name": "quantize", "params": {"bits": [8, 4], "granularity": ["per_channel",
-                                                                                 "per_tensor"]}}],
+        attacks=[
+            "identity",
+            {"name": "prune", "params": {"sparsity": [0.3, 0.6]}},
+            {
+                "name": "quantize",
+                "params": {"bits": [8, 4], "granularity": ["per_channel", "per_tensor"]},
+            },
+        ],
     )
     assert len(cells) == 3 * 2 * (1 + 2) * (1 + 2 + 4)
     assert len({c.cell_id for c in cells}) == len(cells)
@@ -316,8 +359,11 @@ def test_smoke_scenario_cell_count() -> None:
 
 
 def test_defaults_are_filled_into_params(tmp_path: Path) -> None:
-    cells = cells_of(tmp_path, methods=[{"name": "trigger_set", "params": {"n_keys": 5}}],
-                     attacks=["prune", {"name": "quantize", "params": {"bits": 4}}])
+    cells = cells_of(
+        tmp_path,
+        methods=[{"name": "trigger_set", "params": {"n_keys": 5}}],
+        attacks=["prune", {"name": "quantize", "params": {"bits": 4}}],
+    )
     by_attack = {c.attack: c for c in cells}
     assert by_attack["prune"].attack_params == PRUNE_DEFAULTS
     assert by_attack["quantize"].attack_params == {"bits": 4, "granularity": "per_channel"}
@@ -338,8 +384,10 @@ class ListParams(BaseModel):
 def test_list_typed_param_expands_only_on_list_of_lists() -> None:
     assert expand_params({"layers": [1, 2]}, ListParams) == [{"layers": [1, 2]}]
     assert expand_params({"layers": [[1], [2, 3]], "rate": [0.1, 0.2]}, ListParams) == [
-        {"layers": [1], "rate": 0.1}, {"layers": [1], "rate": 0.2},
-        {"layers": [2, 3], "rate": 0.1}, {"layers": [2, 3], "rate": 0.2},
+        {"layers": [1], "rate": 0.1},
+        {"layers": [1], "rate": 0.2},
+        {"layers": [2, 3], "rate": 0.1},
+        {"layers": [2, 3], "rate": 0.2},
     ]
     assert expand_params({}, ListParams) == [{}]
 
@@ -349,10 +397,23 @@ def test_list_typed_param_expands_only_on_list_of_lists() -> None:
 
 def test_include_merges_nested_mappings(tmp_path: Path) -> None:
     (tmp_path / "common").mkdir()
-    write(tmp_path / "common", {"dataset": BASE["dataset"], "train": {"epochs": 3, "lr": 0.2},
-                                "archs": ["resnet10t"], "methods": ["none"]}, "base.yaml")
-    top = {"include": ["common/base.yaml"], "name": "inc", "train": {"epochs": 1},
-           "archs": ["lenet"], "attacks": ["identity"]}
+    write(
+        tmp_path / "common",
+        {
+            "dataset": BASE["dataset"],
+            "train": {"epochs": 3, "lr": 0.2},
+            "archs": ["resnet10t"],
+            "methods": ["none"],
+        },
+        "base.yaml",
+    )
+    top = {
+        "include": ["common/base.yaml"],
+        "name": "inc",
+        "train": {"epochs": 1},
+        "archs": ["lenet"],
+        "attacks": ["identity"],
+    }
     path = write(tmp_path, top)
     merged = load_yaml_with_includes(path)
     assert "include" not in merged

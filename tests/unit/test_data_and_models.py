@@ -110,7 +110,8 @@ def test_own_test_split_is_kept_and_pool_is_split() -> None:
     assert torch.equal(splits.test.x, test_x) and torch.equal(splits.test.y, test_y)
     assert len(splits.owner) + len(splits.attacker) == 80
     assert fingerprints(splits.owner) + fingerprints(splits.attacker) == fingerprints(
-        data.Split(raw.x, raw.y))
+        data.Split(raw.x, raw.y)
+    )
 
 
 def test_load_splits_is_cached_per_config() -> None:
@@ -132,8 +133,9 @@ def test_split_take_is_a_seeded_subset() -> None:
 
 @pytest.mark.parametrize(("size", "channels", "classes"), [(16, 1, 10), (20, 3, 4), (64, 3, 2)])
 def test_synthetic(size: int, channels: int, classes: int) -> None:
-    cfg = DatasetCfg(name="synthetic", image_size=size, channels=channels, samples=120,
-                     num_classes=classes)
+    cfg = DatasetCfg(
+        name="synthetic", image_size=size, channels=channels, samples=120, num_classes=classes
+    )
     raw = data.load_synthetic(cfg)
     assert raw.x.shape == (120, channels, size, size) and raw.x.dtype == torch.uint8
     assert raw.num_classes == classes
@@ -160,8 +162,15 @@ def test_synthetic_classes_are_separable_by_their_means() -> None:
 
 @pytest.mark.parametrize(
     ("arch", "channels", "size"),
-    [("resnet10t", 1, 32), ("resnet10t", 3, 24), ("test_vit", 3, 32), ("test_vit", 1, 48),
-     ("lenet", 1, 32), ("lenet", 3, 32), ("lenet", 1, 8)],
+    [
+        ("resnet10t", 1, 32),
+        ("resnet10t", 3, 24),
+        ("test_vit", 3, 32),
+        ("test_vit", 1, 48),
+        ("lenet", 1, 32),
+        ("lenet", 3, 32),
+        ("lenet", 1, 8),
+    ],
 )
 def test_create_model_gives_logits(arch: str, channels: int, size: int) -> None:
     model = create_model(ModelSpec(arch, 7, channels, size)).eval()

@@ -99,7 +99,7 @@ def test_close_match() -> None:
 
 
 def test_project_registries_list_what_is_registered() -> None:
-    assert METHODS.list() == ["none", "trigger_set"]
+    assert METHODS.list() == ["discriminative", "none", "trigger_set"]
     assert ATTACKS.list() == ["distill", "fine_tune", "identity", "prune", "quantize"]
     assert DATASETS.list() == ["cifar10", "cifar100", "digits", "imagefolder", "synthetic"]
 

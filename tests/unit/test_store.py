@@ -21,20 +21,41 @@ from results.store import compact, ok_cell_ids, read_table, write_row
 T0 = datetime(2025, 1, 2, 3, 4, 5, 678901, tzinfo=timezone.utc)
 
 
-def make_row(i: int, method: str = "trigger_set", attack: str = "prune", status: str = "ok",
-             **changes: Any) -> dict[str, Any]:
+def make_row(
+    i: int, method: str = "trigger_set", attack: str = "prune", status: str = "ok", **changes: Any
+) -> dict[str, Any]:
     row = {
-        "cell_id": f"cell{i:03d}", "run_id": "run-1", "scenario": "unit", "dataset": "digits",
-        "arch": "lenet", "method": method, "method_params": json.dumps({"n_keys": 10 + i}),
-        "attack": attack, "attack_params": json.dumps({"sparsity": 0.5}), "seed": i,
-        "status": status, "error": None if status == "ok" else "attack: CellFailed: boom",
-        "task_metric": "accuracy", "task_score_clean": 0.9, "task_score_marked": 0.89,
-        "task_score_attacked": 0.8 - i / 100, "wm_metric": "trigger_acc", "wm_score_marked": 1.0,
-        "wm_score_attacked": 0.5, "wm_threshold": 0.3, "wm_detected": i % 2 == 0,
+        "cell_id": f"cell{i:03d}",
+        "run_id": "run-1",
+        "scenario": "unit",
+        "dataset": "digits",
+        "arch": "lenet",
+        "method": method,
+        "method_params": json.dumps({"n_keys": 10 + i}),
+        "attack": attack,
+        "attack_params": json.dumps({"sparsity": 0.5}),
+        "attack_role": "benign",
+        "seed": i,
+        "status": status,
+        "error": None if status == "ok" else "attack: CellFailed: boom",
+        "task_metric": "accuracy",
+        "task_score_clean": 0.9,
+        "task_score_marked": 0.89,
+        "task_score_attacked": 0.8 - i / 100,
+        "wm_metric": "trigger_acc",
+        "wm_score_marked": 1.0,
+        "wm_score_attacked": 0.5,
+        "wm_threshold": 0.3,
+        "wm_detected": i % 2 == 0,
         "metrics": {"null_mean": 0.1, "wm_removed": float(i % 2)},
-        "duration_s": 3.5, "stage_seconds": {"train_victim": 2.0, "verify": 1.5},
-        "node": "host", "device": "cpu", "harness_version": "0.1.0", "git_sha": "abc123",
-        "schema_version": SCHEMA_VERSION, "created_at": T0 + timedelta(seconds=i),
+        "duration_s": 3.5,
+        "stage_seconds": {"train_victim": 2.0, "verify": 1.5},
+        "node": "host",
+        "device": "cpu",
+        "harness_version": "0.1.0",
+        "git_sha": "abc123",
+        "schema_version": SCHEMA_VERSION,
+        "created_at": T0 + timedelta(seconds=i),
     }
     row.update(changes)
     return row
@@ -78,8 +99,11 @@ def test_write_fills_schema_version_and_created_at(tmp_path: Path) -> None:
     write_row(store, row)
     got = load(store).iloc[0]
     assert got["schema_version"] == SCHEMA_VERSION
-    assert before - timedelta(seconds=1) <= got["created_at"].to_pydatetime() <= (
-        datetime.now(timezone.utc) + timedelta(seconds=1))
+    assert (
+        before - timedelta(seconds=1)
+        <= got["created_at"].to_pydatetime()
+        <= (datetime.now(timezone.utc) + timedelta(seconds=1))
+    )
 
 
 def test_file_carries_the_fixed_schema(tmp_path: Path) -> None:
@@ -196,8 +220,10 @@ def test_newest_row_wins_when_old_and_new_files_coexist(tmp_path: Path) -> None:
     write_row(store, make_row(1, created_at=T0))
     write_row(store, make_row(2, created_at=T0))
     assert compact(store) == 2
-    write_row(store, make_row(1, status="failed", task_score_attacked=0.01,
-                              created_at=T0 + timedelta(hours=1)))
+    write_row(
+        store,
+        make_row(1, status="failed", task_score_attacked=0.01, created_at=T0 + timedelta(hours=1)),
+    )
     assert len(list((tmp_path / "store").rglob("*.parquet"))) == 2
     df = by_cell(load(store))
     assert df["cell_id"].tolist() == ["cell001", "cell002"]
@@ -219,8 +245,10 @@ def test_compact_merges_files_and_keeps_rows(tmp_path: Path) -> None:
     partitions = [("none", "identity"), ("trigger_set", "prune")]
     for i in range(7):
         method, attack = partitions[i % 2]
-        write_row(str(store), make_row(i, method=method, attack=attack,
-                                       status="failed" if i == 3 else "ok"))
+        write_row(
+            str(store),
+            make_row(i, method=method, attack=attack, status="failed" if i == 3 else "ok"),
+        )
     before = by_cell(load(str(store)))
     assert compact(str(store)) == 7
     files = files_under(store)
@@ -236,8 +264,15 @@ def test_compact_merges_files_and_keeps_rows(tmp_path: Path) -> None:
 def test_reading_with_schema_keeps_columns_missing_from_a_file(tmp_path: Path) -> None:
     store = tmp_path / "store"
     write_row(str(store), make_row(1, method="none", attack="identity"))
-    old = pa.table({"cell_id": ["old0"], "method": ["none"], "attack": ["identity"],
-                    "status": ["ok"], "task_score_clean": [0.75]})
+    old = pa.table(
+        {
+            "cell_id": ["old0"],
+            "method": ["none"],
+            "attack": ["identity"],
+            "status": ["ok"],
+            "task_score_clean": [0.75],
+        }
+    )
     pq.write_table(old, store / "results" / "method=none" / "attack=identity" / "old0.parquet")
     df = by_cell(load(str(store)))
     assert list(df.columns) == COLUMNS
@@ -255,25 +290,33 @@ def test_duckdb_reads_the_store(tmp_path: Path) -> None:
     partitions = [("none", "identity"), ("trigger_set", "prune"), ("trigger_set", "quantize")]
     for i in range(6):
         method, attack = partitions[i % 3]
-        write_row(str(store), make_row(i, method=method, attack=attack,
-                                       status="failed" if i == 4 else "ok"))
-    old = pa.table({"cell_id": ["old0"], "method": ["none"], "attack": ["identity"],
-                    "status": ["ok"]})
+        write_row(
+            str(store),
+            make_row(i, method=method, attack=attack, status="failed" if i == 4 else "ok"),
+        )
+    old = pa.table(
+        {"cell_id": ["old0"], "method": ["none"], "attack": ["identity"], "status": ["ok"]}
+    )
     pq.write_table(old, store / "results" / "method=none" / "attack=identity" / "old0.parquet")
     (store / "results" / "method=none" / "attack=identity" / ".x.tmp").write_bytes(b"junk")
     df = load(str(store))
-    query = (f"SELECT * FROM read_parquet('{store}/results/**/*.parquet', "
-             "hive_partitioning=true, union_by_name=true)")
+    query = (
+        f"SELECT * FROM read_parquet('{store}/results/**/*.parquet', "
+        "hive_partitioning=true, union_by_name=true)"
+    )
     con = duckdb.connect()
     rel = con.sql(query)
     # The hive keys method / attack are also columns inside the files: DuckDB keeps one of each.
     assert rel.columns.count("method") == 1 and rel.columns.count("attack") == 1
     assert set(COLUMNS) <= set(rel.columns)
-    got = con.sql(f"SELECT cell_id, method, attack, metrics['wm_removed'] AS removed "
-                  f"FROM ({query}) ORDER BY cell_id").fetchall()
+    got = con.sql(
+        f"SELECT cell_id, method, attack, metrics['wm_removed'] AS removed "
+        f"FROM ({query}) ORDER BY cell_id"
+    ).fetchall()
     assert len(got) == len(df) == 7
     assert [(c, m, a) for c, m, a, _ in got] == sorted(
-        zip(df["cell_id"], df["method"], df["attack"], strict=True))
+        zip(df["cell_id"], df["method"], df["attack"], strict=True)
+    )
     assert got[1][3] == 1.0  # cell001: a map column reads as a DuckDB MAP
     assert got[-1][3] is None  # old0 lacks the column: union_by_name fills NULL
     failed = con.sql(f"SELECT cell_id FROM ({query}) WHERE status = 'failed'").fetchall()

@@ -1,0 +1,307 @@
+"""Cross-model watermarking via discriminative samples (ACM MM 2025).
+
+Non-intrusive: no weight changes. Keys are natural test images nudged towards the decision
+boundary of a *source* model by clamped-margin sign descent; they then authenticate a *target*
+model (the cell's arch, possibly another architecture): a benign modification keeps its
+answers on the keys, a malicious one flips them.
+
+Defaults reproduce the public code: margin on softmax probabilities, pool of 2,000 correctly
+classified test images, up to 1,000 steps of x' <- x' - alpha * sign(grad max(m, tau)),
+alpha 2e-4 (model-input units; our models take [0, 1] pixels), L-inf eps 0.2 and the pixel
+box, stop once m < tau, accept iff the source still predicts t and tau' - delta < m < tau'
+after the 8-bit round trip, N = 100 keys. The margin-enhancement terms (SSIM fidelity, benign
+and malicious hinges on simulated copies of the source trained on the owner's data) are off
+by default (w_f = w_b = w_g = 0); `harness tune` searches them.
+
+Every cell also measures a natural-image control: the same figures on N natural test images
+(correctly classified by the source, disjoint from the keys' originals) under the same
+modification, since at small scale key accuracy tracks the target's accuracy on natural images.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from torchmetrics.functional.image import structural_similarity_index_measure as _ssim
+
+from harness.cells import Job, digest
+from harness.config import ComponentCfg
+from harness.data import Split
+from harness.methods import Method, WatermarkScore, register
+from harness.training import as_float, predict_logits
+
+DEFAULT_BENIGN_SIM = {"name": "quantize", "params": {"bits": 8, "granularity": "per_tensor"}}
+DEFAULT_MALICIOUS_SIM = {"name": "fine_tune", "params": {"mode": "ftal", "label_noise": 0.5}}
+
+
+class DiscriminativeParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    source_arch: str | None = Field(
+        None, description="keys are made on this arch (default: target)"
+    )
+    n_keys: int = Field(100, ge=1)
+    pool_size: int = Field(2000, ge=1, description="correctly classified test images to draw from")
+    steps: int = Field(1000, ge=1)
+    alpha: float = Field(2e-4, gt=0, description="sign-step size in model-input units")
+    eps: float = Field(0.2, gt=0, le=1, description="L-inf bound in pixel units [0, 1]")
+    tau: float = Field(0.5, gt=-1, lt=1, description="margin clamp: descent stops below it")
+    tau_accept: float = Field(0.5, gt=-1, le=1, description="tau': upper edge of the band")
+    delta: float = Field(0.2, gt=0, le=2, description="band width: tau' - delta < m < tau'")
+    w_m: float = Field(1.0, ge=0)
+    w_f: float = Field(0.0, ge=0, description="weight of 1 - SSIM(x', x)")
+    w_b: float = Field(0.0, ge=0, description="weight of the benign-copy hinge")
+    w_g: float = Field(0.0, ge=0, description="weight of the malicious-copy hinge")
+    kappa_b: float = Field(0.3, ge=-1, le=1)
+    kappa_m: float = Field(-0.1, ge=-1, le=1)
+    benign_sim: ComponentCfg = ComponentCfg(**DEFAULT_BENIGN_SIM)
+    malicious_sim: ComponentCfg = ComponentCfg(**DEFAULT_MALICIOUS_SIM)
+    theta: float = Field(0.5, ge=0, le=1, description="authentic iff key accuracy >= theta")
+    n_control: int = Field(100, ge=1, description="natural test images in the control")
+    batch_size: int = Field(128, ge=1)
+
+    @field_validator("source_arch")
+    @classmethod
+    def _known_arch(cls, v: str | None) -> str | None:
+        from model_zoo import check_arch
+
+        if v is not None:
+            check_arch(v)
+        return v
+
+    @field_validator("w_m", "w_f", "w_b", "w_g", "alpha", "eps", "tau", "tau_accept", "delta")
+    @classmethod
+    def _finite(cls, v: float) -> float:
+        if not math.isfinite(v):
+            raise ValueError("must be a finite number")
+        return v
+
+    @field_validator("benign_sim", "malicious_sim")
+    @classmethod
+    def _known_attack(cls, v: ComponentCfg) -> ComponentCfg:
+        from harness.attacks import ATTACKS
+
+        ATTACKS.get(v.name).Params(**v.params)
+        return v
+
+    @model_validator(mode="after")
+    def _band(self) -> DiscriminativeParams:
+        if self.tau_accept <= self.delta:
+            raise ValueError(
+                f"tau_accept ({self.tau_accept}) must be greater than delta ({self.delta}): "
+                "the acceptance band tau' - delta < m < tau' would hold only negative margins"
+            )
+        return self
+
+
+def margin(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """m(x, t) = p_t - max_{i != t} p_i on softmax probabilities."""
+    p = F.softmax(logits.float(), dim=1)
+    p_t = p.gather(1, target[:, None]).squeeze(1)
+    others = p.scatter(1, target[:, None], float("-inf"))
+    return p_t - others.max(1).values
+
+
+def ssim(x: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    """Per-image SSIM (Gaussian window 11, sigma 1.5, data range 1), differentiable."""
+    return _ssim(x, ref, data_range=1.0, reduction="none")
+
+
+def quantize8(x: torch.Tensor) -> torch.Tensor:
+    """The 8-bit round trip every stored key goes through."""
+    return torch.round(x.clamp(0, 1) * 255) / 255
+
+
+def project(x: torch.Tensor, x0: torch.Tensor, eps: float) -> torch.Tensor:
+    """Onto the L-inf ball of radius eps around x0 and the valid pixel box."""
+    return torch.minimum(torch.maximum(x, x0 - eps), x0 + eps).clamp(0, 1)
+
+
+def in_band(m: torch.Tensor, tau_accept: float, delta: float) -> torch.Tensor:
+    return (m > tau_accept - delta) & (m < tau_accept)
+
+
+def key_loss(x, x0, t, source, benign, malicious, p: DiscriminativeParams):
+    """Per-image margin-enhancement loss and the source margin it was computed at."""
+    m_s = margin(source(x), t)
+    loss = p.w_m * m_s.clamp(min=p.tau)
+    if p.w_f:
+        loss = loss + p.w_f * (1 - ssim(x, x0))
+    if p.w_b and benign is not None:
+        loss = loss + p.w_b * F.relu(p.kappa_b - margin(benign(x), t))
+    if p.w_g and malicious is not None:
+        loss = loss + p.w_g * F.relu(margin(malicious(x), t) - p.kappa_m)
+    return loss, m_s
+
+
+def descend(x0, t, source, benign, malicious, p: DiscriminativeParams) -> torch.Tensor:
+    """Clamped-margin sign descent; an image stops moving once its source margin is < tau."""
+    x, active = x0.clone(), torch.ones(len(x0), dtype=torch.bool, device=x0.device)
+    for _ in range(p.steps):
+        x.requires_grad_(True)
+        loss, m_s = key_loss(x, x0, t, source, benign, malicious, p)
+        (grad,) = torch.autograd.grad(loss.sum(), x)
+        active &= m_s.detach() >= p.tau
+        if not active.any():
+            break
+        step = p.alpha * grad.sign() * active.view(-1, 1, 1, 1)
+        x = project(x.detach() - step, x0, p.eps)
+    return x.detach()
+
+
+@torch.no_grad()
+def accept(x, t, source, p: DiscriminativeParams) -> tuple[torch.Tensor, torch.Tensor]:
+    """8-bit keys and the mask of those in the band that the source still labels t."""
+    keys = quantize8(x)
+    logits = source(keys)
+    ok = (logits.argmax(1) == t) & in_band(margin(logits, t), p.tau_accept, p.delta)
+    return keys, ok
+
+
+def _frozen(model):
+    if model is None:
+        return None
+    model.eval()
+    for param in model.parameters():
+        param.requires_grad_(False)
+    return model
+
+
+def generate_keys(
+    source, pool: Split, p: DiscriminativeParams, device, benign=None, malicious=None
+) -> dict[str, Any]:
+    """Scan the pool in batches until n_keys keys are accepted; returns keys and origins."""
+    source, benign, malicious = (_frozen(m) for m in (source, benign, malicious))
+    keys, labels, origins, used = [], [], [], 0
+    for start in range(0, len(pool), p.batch_size):
+        x0 = as_float(pool.x[start : start + p.batch_size], device)
+        t = pool.y[start : start + p.batch_size].to(device)
+        x = descend(x0, t, source, benign, malicious, p)
+        k, ok = accept(x, t, source, p)
+        keys.append(k[ok].cpu())
+        labels.append(t[ok].cpu())
+        origins.append(torch.arange(start, start + len(t))[ok.cpu()])
+        used = start + len(t)
+        if sum(len(o) for o in origins) >= p.n_keys:
+            break
+    keys_x, keys_t = torch.cat(keys)[: p.n_keys], torch.cat(labels)[: p.n_keys]
+    origin = torch.cat(origins)[: p.n_keys]
+    return {
+        "x": (keys_x * 255).round().to(torch.uint8),
+        "y": keys_t,
+        "origin": origin,
+        "scanned": used,
+    }
+
+
+def correct_pool(source, test: Split, size: int, seed: int, device) -> Split:
+    """A seeded draw of test images the source classifies correctly (labels = true labels)."""
+    order = torch.randperm(len(test), generator=torch.Generator().manual_seed(seed))
+    shuffled = Split(test.x[order], test.y[order])
+    correct = predict_logits(source, shuffled.x, device).argmax(1) == shuffled.y
+    return Split(shuffled.x[correct][:size], shuffled.y[correct][:size])
+
+
+def score(model, x: torch.Tensor, y: torch.Tensor, device) -> tuple[float, float]:
+    """Share of images labelled y, and the mean margin towards y."""
+    if len(y) == 0:
+        return float("nan"), float("nan")
+    logits = predict_logits(model, x, device)
+    return (logits.argmax(1) == y).float().mean().item(), margin(logits, y).mean().item()
+
+
+@register("discriminative")
+class Discriminative(Method):
+    Params = DiscriminativeParams
+    wm_metric = "key_acc"
+    marks_weights = False
+
+    def source_arch(self, cell) -> str:
+        return self.params.source_arch or cell.arch
+
+    def aux_jobs(self, cell) -> list[Job]:
+        """Keys depend on the source victim (and its simulated copies), never on the target."""
+        p = self.params
+        source = cell.victim_job(arch=self.source_arch(cell))
+        sims = [
+            Job(
+                f"aux/simulate_{role}",
+                digest(["simulate", source.key, sim.model_dump()]),
+                cell,
+                (source,),
+                "train",
+            )
+            for role, sim, w in (
+                ("benign", p.benign_sim, p.w_b),
+                ("malicious", p.malicious_sim, p.w_g),
+            )
+            if w > 0
+        ]
+        keygen_params = p.model_dump(mode="json", exclude={"theta", "source_arch"})
+        key = digest(["keygen", source.key, keygen_params, [s.key for s in sims]])
+        return [Job("aux/keygen", key, cell, (source, *sims), "embed")]
+
+    def run_aux(self, step: str, cell, ctx, artifacts, key: str, deps: list[dict]) -> dict:
+        if step.startswith("simulate_"):
+            return self._simulate(step.removeprefix("simulate_"), ctx, artifacts, key, deps[0])
+        return self._keygen(ctx, artifacts, key, deps)
+
+    def _simulate(self, role: str, ctx, artifacts, key: str, source_meta: dict) -> dict:
+        """A benign / malicious copy of the source, modified with the OWNER's data only."""
+        from dataclasses import replace
+
+        from harness.attacks import create_attack
+        from model_zoo import ModelSpec
+
+        sim = self.params.benign_sim if role == "benign" else self.params.malicious_sim
+        model, spec = artifacts.load_model(source_meta, ctx.device)
+        owner_ctx = replace(ctx, data=replace(ctx.data, attacker=ctx.data.owner), spec=spec)
+        copy, out_spec = create_attack(sim.name, sim.params).apply(model, owner_ctx)
+        assert isinstance(out_spec, ModelSpec)
+        meta = {"spec": out_spec.to_dict(), "role": role}
+        return artifacts.save(f"aux/simulate_{role}", key, meta, model=copy)
+
+    def _keygen(self, ctx, artifacts, key: str, deps: list[dict]) -> dict:
+        p = self.params
+        source, _ = artifacts.load_model(deps[0], ctx.device)
+        sims = {d["role"]: artifacts.load_model(d, ctx.device)[0] for d in deps[1:]}
+        pool = correct_pool(source, ctx.data.test, p.pool_size, ctx.seed, ctx.device)
+        keys = generate_keys(source, pool, p, ctx.device, sims.get("benign"), sims.get("malicious"))
+        originals = as_float(pool.x[keys["origin"]])
+        sim_values = ssim(as_float(keys["x"]), originals) if len(keys["y"]) else torch.zeros(0)
+        unused = torch.ones(len(pool), dtype=torch.bool)
+        unused[keys["origin"]] = False
+        control = Split(pool.x[unused], pool.y[unused]).take(p.n_control, seed=ctx.seed)
+        secret = {"x": keys["x"], "y": keys["y"], "control_x": control.x, "control_y": control.y}
+        meta = {
+            "n_keys": len(keys["y"]),
+            "n_control": len(control),
+            "pool": len(pool),
+            "scanned": keys["scanned"],
+            "ssim_min": sim_values.min().item() if len(sim_values) else float("nan"),
+            "ssim_mean": sim_values.mean().item() if len(sim_values) else float("nan"),
+        }
+        return artifacts.save("aux/keygen", key, meta, secret=secret)
+
+    def embed(self, victim, ctx, deps: list[dict], artifacts):
+        keygen = deps[0]
+        secret = artifacts.load_secret(keygen["stage"], keygen["key"])
+        stats = {k: keygen[k] for k in ("n_keys", "n_control", "ssim_min", "ssim_mean")}
+        return victim, {**secret, "stats": stats}
+
+    def verify(self, model, key, ctx) -> WatermarkScore:
+        acc, key_margin = score(model, key["x"], key["y"], ctx.device)
+        ctrl_acc, ctrl_margin = score(model, key["control_x"], key["control_y"], ctx.device)
+        metrics = {
+            "key_margin": key_margin,
+            "control_acc": ctrl_acc,
+            "control_margin": ctrl_margin,
+            **key["stats"],
+        }
+        detected = bool(acc >= self.params.theta) if not math.isnan(acc) else False
+        return WatermarkScore(
+            score=acc, detected=detected, threshold=self.params.theta, metrics=metrics
+        )

@@ -1,0 +1,99 @@
+"""Plain helpers shared by the integration tests (fixtures live in conftest.py)."""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import pyarrow.parquet as pq
+
+# Columns that legitimately differ between two runs of the same cell.
+RUN_SPECIFIC = {"run_id", "created_at", "duration_s", "stage_seconds", "node", "git_sha"}
+
+
+def tiny_scenario_dict(**overrides: Any) -> dict[str, Any]:
+    """A scenario dict that trains in seconds: LeNet on 16x16 one-channel digits."""
+    base: dict[str, Any] = {
+        "name": "tiny",
+        "dataset": {"name": "digits", "image_size": 16, "channels": 1},
+        "train": {"epochs": 2, "batch_size": 64, "lr": 0.05},
+        "seeds": [0],
+        "archs": ["lenet"],
+        "methods": ["none", {"name": "trigger_set", "params": {"n_keys": 20, "n_null": 2}}],
+        "attacks": ["identity"],
+    }
+    return {**base, **overrides}
+
+
+def _parquet_files(store: str | os.PathLike) -> list[Path]:
+    """The store's result files (dot-prefixed ones are unfinished atomic writes)."""
+    return [p for p in Path(store, "results").rglob("*.parquet") if not p.name.startswith(".")]
+
+
+def result_files(store: str | os.PathLike) -> dict[str, Path]:
+    """cell_id -> its Parquet file."""
+    return {p.stem: p for p in _parquet_files(store)}
+
+
+def stored_cell_ids(store: str | os.PathLike) -> list[str]:
+    """Every row's cell_id across all result files, duplicates kept (`results.load` keeps
+    only the newest row per cell, which would hide them)."""
+    return [
+        cid
+        for p in _parquet_files(store)
+        for cid in pq.read_table(p, columns=["cell_id"])["cell_id"].to_pylist()
+    ]
+
+
+def comparable(row: dict[str, Any]) -> dict[str, Any]:
+    """A row without its run-specific columns, NaN made comparable (NaN != NaN)."""
+    return {
+        k: ("NaN" if isinstance(v, float) and math.isnan(v) else v)
+        for k, v in row.items()
+        if k not in RUN_SPECIFIC
+    }
+
+
+def session_processes(sid: int) -> dict[int, str]:
+    """Live (non-zombie) processes of session `sid`: pid -> command name.
+
+    A subprocess started with `start_new_session=True` heads its own session; Ray's
+    gcs_server, raylet, agents and workers inherit it and keep it after being re-parented
+    to init when the driver dies, so this finds them even then.
+    """
+    found = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path("/proc", entry, "stat").read_text()
+        except OSError:
+            continue
+        name = stat[stat.index("(") + 1 : stat.rindex(")")]
+        state, _ppid, _pgrp, session = stat[stat.rindex(")") + 2 :].split()[:4]
+        if int(session) == sid and state not in ("Z", "X"):
+            found[int(entry)] = name
+    return found
+
+
+def wait_until_gone(sid: int, timeout: float, ignore: tuple[str, ...] = ()) -> dict[int, str]:
+    """Poll until no process of session `sid` (other than `ignore`d names) is alive."""
+    deadline = time.monotonic() + timeout
+    while True:
+        alive = {p: n for p, n in session_processes(sid).items() if not n.startswith(ignore)}
+        if not alive or time.monotonic() > deadline:
+            return alive
+        time.sleep(0.2)
+
+
+def kill_session(sid: int) -> None:
+    """SIGKILL what is left of session `sid`, pid by pid (only processes this test started)."""
+    for pid in session_processes(sid):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass

@@ -1,0 +1,137 @@
+"""Retries and failures: a retried cell gives the untroubled row; a deterministic failure
+becomes a `failed` row without stopping the run, and is tried again on the next run."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from integration_support import comparable, result_files, tiny_scenario_dict
+
+from harness import scheduler
+from harness.cells import expand_cells
+from harness.config import parse_scenario
+from results import load
+from results.store import ok_cell_ids
+
+# One trigger-set cell: three victims (owner + two null models), embed, a real attack, verify.
+FAULT_CELL = {
+    "methods": [{"name": "trigger_set", "params": {"n_keys": 20, "n_null": 2}}],
+    "attacks": [{"name": "prune", "params": {"sparsity": 0.3}}],
+}
+
+
+@pytest.fixture(scope="module")
+def untroubled(ray_session, tmp_path_factory):
+    """The fault cell run once without faults, in its own store: the reference row."""
+    scenario = parse_scenario(tiny_scenario_dict(**FAULT_CELL))
+    (cell,) = expand_cells(scenario)
+    store = str(tmp_path_factory.mktemp("untroubled"))
+    summary = scheduler.run_cells([cell], store, resources=scenario.resources)
+    assert (summary.ok, summary.failed) == (1, 0), summary.failures
+    (row,) = load(store).to_dict("records")
+    return scenario, cell, row
+
+
+@pytest.mark.parametrize(
+    ("kind", "stage"),
+    [("transient", "embed"), ("crash", "attack")],
+)
+def test_retried_cell_equals_untroubled_one(untroubled, tmp_path, kind, stage):
+    """`transient` raises TransientError once (retry_exceptions); `crash` kills the worker
+    process once (a system failure, retried under max_retries). Either way the cell ends with
+    exactly the row of a run that never failed. (The verify task's failure path is covered by
+    test_worker_lost_for_good_is_a_failed_row_then_retried.)"""
+    scenario, cell, reference = untroubled
+    marker = tmp_path / "fault-fired"
+    store = str(tmp_path / "store")
+    summary = scheduler.run_cells(
+        [cell],
+        store,
+        resources=scenario.resources,
+        max_retries=2,
+        env={scheduler.FAULT_ENV: f"{kind}:{stage}:{marker}"},
+    )
+    assert (summary.ok, summary.failed) == (1, 0), summary.failures
+    assert marker.exists(), "the injected fault never fired"
+    (row,) = load(store).to_dict("records")
+    assert row["status"] == "ok" and pd.isna(row["error"])
+    assert row["cell_id"] == reference["cell_id"]
+    assert comparable(row) == comparable(reference)
+
+
+@pytest.fixture
+def nan_scenario(tiny_scenario):
+    """An attacker fine-tuning every layer at lr 1e6: the loss turns NaN within a few steps."""
+    return tiny_scenario(
+        methods=["none"],
+        attacks=[
+            "identity",
+            {"name": "fine_tune", "params": {"mode": "ftal", "epochs": 1, "lr": 1e6}},
+        ],
+    )
+
+
+def test_deterministic_failure_is_a_failed_row_and_is_retried(ray_session, nan_scenario, tmp_path):
+    cells = expand_cells(nan_scenario)
+    bad = next(c for c in cells if c.attack == "fine_tune")
+    good = next(c for c in cells if c.attack == "identity")
+    store = str(tmp_path / "store")
+
+    first = scheduler.run_cells(cells, store, resources=nan_scenario.resources)
+    assert (first.total, first.ok, first.failed) == (2, 1, 1)
+    assert "non-finite loss" in first.failures[bad.cell_id]
+    rows = load(store).set_index("cell_id")
+    assert rows.loc[good.cell_id, "status"] == "ok"
+    assert rows.loc[bad.cell_id, "status"] == "failed"
+    assert "CellFailed" in rows.loc[bad.cell_id, "error"]
+    assert "non-finite loss" in rows.loc[bad.cell_id, "error"]
+    manifest = json.loads(Path(store, "runs", f"{first.run_id}.json").read_text())
+    assert manifest["failed"] == 1 and bad.cell_id in manifest["failures"]
+    assert ok_cell_ids(store) == {good.cell_id}  # what resume skips
+
+    # The next run skips the ok cell and tries the failed one again (it fails again: same NaN).
+    good_mtime = result_files(store)[good.cell_id].stat().st_mtime_ns
+    second = scheduler.run_cells(cells, store, resources=nan_scenario.resources)
+    assert (second.total, second.skipped, second.ok, second.failed) == (2, 1, 0, 1)
+    rows = load(store).set_index("cell_id")
+    assert len(rows) == 2 and rows.index.is_unique
+    assert rows.loc[bad.cell_id, "run_id"] == second.run_id
+    assert rows.loc[good.cell_id, "run_id"] == first.run_id
+    assert result_files(store)[good.cell_id].stat().st_mtime_ns == good_mtime
+
+
+def test_worker_lost_for_good_is_a_failed_row_then_retried(ray_session, tiny_scenario, tmp_path):
+    """With no retries left, a crashed task still ends as a `failed` row (never a gap), the
+    run carries on, and the next run completes the cell."""
+    scenario = tiny_scenario(
+        methods=["none"], attacks=["identity", {"name": "prune", "params": {"sparsity": 0.3}}]
+    )
+    cells = expand_cells(scenario)
+    store = str(tmp_path / "store")
+    marker = tmp_path / "fault-fired"
+    first = scheduler.run_cells(
+        cells,
+        store,
+        resources=scenario.resources,
+        max_retries=0,
+        env={scheduler.FAULT_ENV: f"crash:verify:{marker}"},
+    )
+    assert (first.ok, first.failed) == (1, 1), first.failures
+    assert marker.exists()
+    ((lost, error),) = first.failures.items()
+    assert "task failed after retries" in error and "worker died" in error
+    rows = load(store).set_index("cell_id")
+    assert len(rows) == 2
+    assert (
+        rows.loc[lost, "status"] == "failed"
+        and "task failed after retries" in rows.loc[lost, "error"]
+    )
+    assert (rows.drop(index=lost)["status"] == "ok").all()
+
+    second = scheduler.run_cells(cells, store, resources=scenario.resources)
+    assert (second.skipped, second.ok, second.failed) == (1, 1, 0)
+    rows = load(store).set_index("cell_id")
+    assert len(rows) == 2 and (rows["status"] == "ok").all()

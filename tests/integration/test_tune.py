@@ -1,0 +1,130 @@
+"""`harness tune` through local Ray: trials run as ordinary cells and rows; a killed tune
+resumes and finishes its trial count."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import yaml
+from integration_support import kill_session, tiny_scenario_dict
+
+from harness import scheduler, tuning
+from harness.config import load_scenario, parse_scenario
+from results import load
+
+TUNE = tiny_scenario_dict(
+    name="tune_tiny",
+    methods=[
+        {
+            "name": "discriminative",
+            "params": {"n_keys": 10, "n_control": 20, "steps": 40, "alpha": 0.005, "pool_size": 80},
+        }
+    ],
+    attacks=[
+        {"name": "quantize", "params": {"bits": 8, "granularity": "per_tensor"}, "role": "benign"},
+        {"name": "fine_tune", "params": {"epochs": 1, "label_noise": 0.8}, "role": "malicious"},
+    ],
+    tune={
+        "method": "discriminative",
+        "space": {"w_f": {"low": 0.0, "high": 5.0}},
+        "ssim_min": 0.0,
+        "min_keys": 1,
+    },
+)
+
+
+def test_three_trials_run_as_cells_and_write_an_includable_best(ray_session, tmp_path):
+    scenario = parse_scenario(TUNE)
+    store = str(tmp_path / "store")
+
+    def run(cells):
+        scheduler.run_cells(cells, store, resources=scenario.resources)
+
+    seen = []
+    study = tuning.tune(
+        scenario, store, run, trials=3, parallel=2, on_trial=lambda result, _: seen.append(result)
+    )
+    complete = study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
+    assert len(complete) == 3 and [r.number for r in seen] == [0, 1, 2]
+    assert complete[0].params == {"w_f": 0.0}  # trial 0: the untuned setting
+    assert (Path(store) / "optuna" / "journal.log").is_file()
+    df = load(store)
+    trials = df["metrics"].map(lambda m: m.get("trial"))
+    assert sorted(set(trials)) == [0.0, 1.0, 2.0]
+    assert (df.groupby(trials).size() == 2).all()  # each trial: its two cells, its own rows
+    assert set(df["scenario"]) == {f"tune_tiny.trial{i}" for i in range(3)}
+    assert all(t.constraints.keys() == {"ssim_min", "min_keys"} for t in complete)
+
+    best = tuning.best_feasible(study)
+    path = tmp_path / "best.yaml"
+    fragment = tuning.write_best(study, scenario, path)
+    assert fragment["methods"][0]["params"]["w_f"] == best.params["w_f"]
+    including = {k: v for k, v in TUNE.items() if k != "methods"}
+    (tmp_path / "tuned.yaml").write_text(yaml.safe_dump({**including, "include": ["best.yaml"]}))
+    tuned = load_scenario(tmp_path / "tuned.yaml")
+    assert tuned.methods[0].params["w_f"] == best.params["w_f"]
+
+
+def _finished(journal: Path) -> int:
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    if not journal.exists():
+        return 0
+    storage = JournalStorage(JournalFileBackend(str(journal)))
+    try:
+        study = optuna.load_study(study_name="tune_tiny", storage=storage)
+    except KeyError:
+        return 0
+    return len(study.get_trials(states=(optuna.trial.TrialState.COMPLETE,)))
+
+
+def test_a_killed_tune_resumes_and_finishes_its_trial_count(tmp_path):
+    scenario_file, store = tmp_path / "tune.yaml", tmp_path / "store"
+    scenario_file.write_text(yaml.safe_dump(TUNE))
+    journal = store / "optuna" / "journal.log"
+    argv = [
+        sys.executable,
+        "-m",
+        "harness.cli",
+        "tune",
+        str(scenario_file),
+        "--trials",
+        "4",
+        "--parallel",
+        "1",
+        "--store",
+        str(store),
+    ]
+    env = {**os.environ, "RAY_ADDRESS": ""}
+    first = subprocess.Popen(
+        argv, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    deadline = time.monotonic() + 300
+    while _finished(journal) < 1 and first.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert first.poll() is None, "the first tune ended before it could be killed"
+    os.killpg(first.pid, signal.SIGKILL)  # no clean-up at all: trial 1 is left RUNNING
+    first.wait(timeout=30)
+    kill_session(first.pid)
+    killed_at = _finished(journal)
+    assert 1 <= killed_at < 4
+
+    second = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=600)
+    assert second.returncode == 0, second.stderr[-2000:]
+    assert _finished(journal) == 4
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    study = optuna.load_study(
+        study_name="tune_tiny", storage=JournalStorage(JournalFileBackend(str(journal)))
+    )
+    done = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.FAIL)
+    assert all(t.state in done for t in study.trials)  # a trial left RUNNING was marked FAIL
+    assert "best parameters" in second.stderr
