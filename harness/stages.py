@@ -207,7 +207,8 @@ def _measure(c: Cell, store: str, device: str, victim: dict, marked: dict, attac
         "wm_threshold": score.threshold,
         "wm_detected": bool(score.detected),
     }
-    metrics = dict(score.metrics)
+    metrics = dict(score.metrics)  # of the attacked model; `_marked`: of the model before it
+    metrics.update({f"{k}_marked": v for k, v in marked["wm"]["metrics"].items()})
     if method.wm_metric:
         drop = out["task_score_marked"] - out["task_score_attacked"]
         removed = marked["wm"]["detected"] and not score.detected and drop < WRT_MAX_TASK_DROP
