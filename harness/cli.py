@@ -11,7 +11,7 @@ from rich.console import Console
 
 from harness.errors import HarnessError
 
-console = Console(stderr=True)
+console = Console(stderr=True, soft_wrap=True)  # log lines are never folded
 DEFAULT_STORE = "store"
 
 

@@ -32,8 +32,11 @@ class DatasetCfg(Strict):
     test_fraction: float = Field(0.2, gt=0, lt=1)
     attacker_fraction: float = Field(1 / 3, gt=0, lt=1)
     split_seed: int = 0
-    samples: int = Field(1000, ge=10, description="synthetic only: number of images")
+    samples: int = Field(1000, ge=10, description="synthetic / photo_pairs: number of images")
     num_classes: int = Field(10, ge=2, description="synthetic only: number of classes")
+    degradation: Literal["noise", "rain", "blur"] = Field(
+        "noise", description="photo_pairs only: how domain A is made from the clean patch B"
+    )
 
 
 class TrainCfg(Strict):

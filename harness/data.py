@@ -7,6 +7,7 @@ and converted to float per batch, which keeps the training loop free of DataLoad
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,7 +21,7 @@ from harness.registry import Registry
 
 @dataclass(frozen=True)
 class Split:
-    """Images as uint8 (N, C, H, W) and int64 labels."""
+    """Images as uint8 (N, C, H, W) and int64 labels, or uint8 target images (image-to-image)."""
 
     x: torch.Tensor
     y: torch.Tensor
@@ -48,7 +49,10 @@ class Splits:
 
 @dataclass(frozen=True)
 class RawData:
-    """A loader's output: a pool to split, and optionally the data set's own test split."""
+    """A loader's output: a pool to split, and optionally the data set's own test split.
+
+    num_classes == 0 marks an image-to-image task: x is domain A (input), y domain B (target).
+    """
 
     x: torch.Tensor
     y: torch.Tensor
@@ -162,10 +166,217 @@ def load_imagefolder(cfg) -> RawData:
     return RawData(x, y, n)
 
 
+# --- image-to-image pairs (output watermarking): x = domain A (degraded), y = domain B ----------
+
+# Real photographs shipped inside the scikit-image wheel (no download). `cat` is left out:
+# skimage.data.cat() is the same photograph as chelsea().
+SKIMAGE_PHOTOS = (
+    "astronaut", "camera", "coffee", "chelsea", "rocket", "coins", "moon", "horse", "page",
+    "clock", "text", "hubble_deep_field", "immunohistochemistry", "retina", "colorwheel", "logo",
+    "brick", "grass", "gravel",
+)  # fmt: skip
+NOISE_SIGMA = 0.1
+BLUR_SIGMA_PER_32PX = 1.0  # scales with image_size so the blur covers the same scene share
+PATCH_MAX_SCALE = 2.0**1.5  # patches cover 1x to ~2.8x image_size of the source, then resize
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
+
+
+def _as_rgb(image: np.ndarray) -> np.ndarray:
+    """A skimage / sklearn photo as uint8 (3, H, W): masks to 0/255, grey tripled, no alpha."""
+    if image.dtype == bool:
+        image = image.astype(np.uint8) * 255
+    if image.ndim == 2:
+        image = np.repeat(image[..., None], 3, axis=2)
+    return np.ascontiguousarray(image[..., :3].transpose(2, 0, 1))
+
+
+@functools.lru_cache(maxsize=1)
+def photo_sources() -> tuple[tuple[str, np.ndarray], ...]:
+    """(name, uint8 (3, H, W) array) for every offline photo this install has, loaded once.
+
+    A photo the installed scikit-image lacks (or would have to download) is skipped, so the
+    data set degrades gracefully across versions instead of reaching for the network.
+    """
+    import skimage.data
+    from sklearn.datasets import load_sample_images
+
+    photos = []
+    for name in SKIMAGE_PHOTOS:
+        try:
+            photos.append((name, _as_rgb(np.asarray(getattr(skimage.data, name)()))))
+        except (AttributeError, OSError, ValueError, ImportError):
+            continue
+    bunch = load_sample_images()
+    for path, image in zip(bunch.filenames, bunch.images, strict=True):
+        photos.append((Path(path).stem, _as_rgb(image)))
+    return tuple(photos)
+
+
+def _random_patch(photo: np.ndarray, size: int, g: torch.Generator) -> torch.Tensor:
+    """A seeded square crop at a random scale, resized (antialiased) to float (3, size, size).
+
+    The crop is copied in numpy: thousands of tiny torch copies stall on thread wake-ups.
+    """
+    h, w = photo.shape[1:]
+    scale = PATCH_MAX_SCALE ** torch.rand((), generator=g).item()
+    crop = max(1, min(round(size * scale), h, w))
+    top = int(torch.randint(h - crop + 1, (), generator=g))
+    left = int(torch.randint(w - crop + 1, (), generator=g))
+    patch = photo[None, :, top : top + crop, left : left + crop].astype(np.float32) / 255
+    patch = torch.from_numpy(patch)
+    if crop != size:
+        patch = F.interpolate(
+            patch, size=(size, size), mode="bilinear", antialias=True, align_corners=False
+        )
+    return patch[0].clamp(0, 1)
+
+
+def photo_patches(n: int, size: int, seed: int) -> torch.Tensor:
+    """n float (n, 3, size, size) patches spread evenly (in seeded order) over all photos.
+
+    Even spreading, rather than drawing a photo per patch, keeps any split from being dominated
+    by one scene (a denoiser trained on moon craters only would be a poor benchmark).
+    """
+    g = torch.Generator().manual_seed(seed)
+    photos = [photo for _, photo in photo_sources()]
+    which = (torch.arange(n) % len(photos))[torch.randperm(n, generator=g)]
+    return torch.stack([_random_patch(photos[k], size, g) for k in which.tolist()])
+
+
+def _gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Separable Gaussian blur per channel with reflect padding (no dark borders)."""
+    radius = max(1, min(math.ceil(3 * sigma), x.shape[-1] - 1))
+    t = torch.arange(-radius, radius + 1, dtype=x.dtype)
+    k = torch.exp(-(t**2) / (2 * sigma**2))
+    k = k / k.sum()
+    c = x.shape[1]
+    x = F.pad(x, (radius,) * 4, mode="reflect")
+    x = F.conv2d(x, k.view(1, 1, -1, 1).expand(c, 1, -1, 1), groups=c)
+    return F.conv2d(x, k.view(1, 1, 1, -1).expand(c, 1, 1, -1), groups=c)
+
+
+def _splat_max(points: torch.Tensor, alpha: torch.Tensor, size: int) -> torch.Tensor:
+    """Bilinear max-splat of (n, K, M, 2) sub-pixel points (y, x) into (n, S*S) opacities.
+
+    Max (not sum) keeps densely sampled lines at their streak's alpha, and the bilinear weights
+    give ~1 px antialiased lines at any angle, at a cost linear in the number of points.
+    """
+    n = points.shape[0]
+    base = (points - 0.5).floor()
+    frac = points - 0.5 - base
+    out = torch.zeros(n, size * size)
+    for dy, dx in ((0, 0), (0, 1), (1, 0), (1, 1)):
+        y, x = base[..., 0] + dy, base[..., 1] + dx
+        wy = frac[..., 0] if dy else 1 - frac[..., 0]
+        wx = frac[..., 1] if dx else 1 - frac[..., 1]
+        inside = (y >= 0) & (y < size) & (x >= 0) & (x < size)
+        idx = y.clamp(0, size - 1).long() * size + x.clamp(0, size - 1).long()
+        val = alpha[..., None] * wy * wx * inside
+        out.scatter_reduce_(1, idx.flatten(1), val.flatten(1), reduce="amax")
+    return out
+
+
+def _rain_mask(n: int, size: int, g: torch.Generator) -> torch.Tensor:
+    """Seeded rain streaks as a (n, 1, S, S) opacity map in [0, 1].
+
+    Each image gets S/4..S/2 thin streaks of length 0.1..0.3 S and opacity 0.4..0.8, all
+    slanted by one per-image angle within +-30 degrees of vertical (rain falls one way).
+    """
+    k_max = max(2, size // 2)
+    count = torch.randint(max(1, size // 4), k_max + 1, (n, 1), generator=g)
+    angle = (torch.rand(n, 1, generator=g) - 0.5) * (math.pi / 3)
+    angle = angle + (torch.rand(n, k_max, generator=g) - 0.5) * 0.1
+    length = size * (0.1 + 0.2 * torch.rand(n, k_max, generator=g))
+    start = torch.rand(n, k_max, 2, generator=g) * size
+    step = length[..., None] * torch.stack((angle.cos(), angle.sin()), -1)
+    alpha = (0.4 + 0.4 * torch.rand(n, k_max, generator=g)) * (torch.arange(k_max) < count)
+    t = torch.linspace(0, 1, 2 * math.ceil(0.3 * size) + 2)  # samples <= 0.5 px apart
+    points = start[..., None, :] + t[:, None] * step[..., None, :]
+    return _splat_max(points, alpha, size).view(n, 1, size, size)
+
+
+def degrade(clean: torch.Tensor, kind: str, seed: int) -> torch.Tensor:
+    """Domain A from float clean images B in [0, 1]; seeded, so pairs are reproducible."""
+    g = torch.Generator().manual_seed(seed)
+    if kind == "noise":
+        return clean + NOISE_SIGMA * torch.randn(clean.shape, generator=g)
+    if kind == "blur":
+        return _gaussian_blur(clean, sigma=BLUR_SIGMA_PER_32PX * max(1.0, clean.shape[-1] / 32))
+    if kind == "rain":
+        mask = _rain_mask(len(clean), clean.shape[-1], g)
+        return 1 - (1 - clean) * (1 - mask)  # screen blend: streaks brighten, never darken
+    raise ConfigError(
+        "unknown degradation",
+        field="dataset.degradation",
+        value=kind,
+        allowed=["noise", "rain", "blur"],
+    )
+
+
+@DATASETS.register("photo_pairs")
+def load_photo_pairs(cfg) -> RawData:
+    """Patches of the real photos shipped with scikit-image / scikit-learn: B clean, A degraded."""
+    clean = photo_patches(cfg.samples, cfg.image_size, cfg.split_seed)
+    if cfg.channels == 1:
+        clean = clean.mean(1, keepdim=True)
+    degraded = degrade(clean, cfg.degradation, cfg.split_seed + 1)
+    size, channels = cfg.image_size, cfg.channels
+    return RawData(_to_uint8(degraded, size, channels), _to_uint8(clean, size, channels), 0)
+
+
+def _read_pair(path: Path, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """One side-by-side [A | B] file (pix2pix layout) as two float (3, size, size) halves."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as opened:
+            image = opened.convert("RGB")
+    except (UnidentifiedImageError, OSError) as err:
+        raise ConfigError("cannot read image", field="dataset.root", value=str(path)) from err
+    w, h = image.size
+    if w < 2:
+        raise ConfigError("too narrow to split into A | B", field="dataset.root", value=str(path))
+    half = w // 2
+    a, b = (
+        image.crop(box).resize((size, size), Image.Resampling.BILINEAR)
+        for box in ((0, 0, half, h), (half, 0, 2 * half, h))
+    )
+    return tuple(torch.from_numpy(np.array(p)).permute(2, 0, 1).float() / 255.0 for p in (a, b))
+
+
+def _pairs_in(folder: Path, cfg) -> tuple[torch.Tensor, torch.Tensor]:
+    """All [A | B] images directly in `folder` (sorted by name) as uint8 (A, B) tensors."""
+    files = sorted(
+        p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+    )
+    if not files:
+        raise ConfigError(
+            f"no images ({', '.join(IMAGE_SUFFIXES)}) in the pairs folder",
+            field="dataset.root",
+            value=str(folder),
+        )
+    a, b = zip(*(_read_pair(p, cfg.image_size) for p in files), strict=True)
+    size, channels = cfg.image_size, cfg.channels
+    return _to_uint8(torch.stack(a), size, channels), _to_uint8(torch.stack(b), size, channels)
+
+
+@DATASETS.register("pairs_folder")
+def load_pairs_folder(cfg) -> RawData:
+    """A folder of side-by-side A|B images; `root/train` and `root/val` if both exist."""
+    root = _require_root(cfg)
+    if not root.is_dir():
+        raise ConfigError("pairs root is not a folder", field="dataset.root", value=str(root))
+    if (root / "train").is_dir() and (root / "val").is_dir():
+        (x, y), (tx, ty) = _pairs_in(root / "train", cfg), _pairs_in(root / "val", cfg)
+        return RawData(x, y, 0, tx, ty)
+    x, y = _pairs_in(root, cfg)
+    return RawData(x, y, 0)
+
+
 def check_dataset(cfg) -> None:
     """Fail early (before any task) on an unknown name or a missing root."""
     DATASETS.get(cfg.name)
-    if cfg.name in ("cifar10", "cifar100", "imagefolder"):
+    if cfg.name in ("cifar10", "cifar100", "imagefolder", "pairs_folder"):
         _require_root(cfg)
 
 

@@ -70,8 +70,13 @@ def ssim(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
             f"got {tuple(a.shape[-2:])}"
         )
     _, full = _ssim(
-        a.double(), b.double(), data_range=1.0, kernel_size=SSIM_WINDOW, sigma=1.5,
-        reduction="none", return_full_image=True,
+        a.double(),
+        b.double(),
+        data_range=1.0,
+        kernel_size=SSIM_WINDOW,
+        sigma=1.5,
+        reduction="none",
+        return_full_image=True,
     )
     m = SSIM_WINDOW // 2
     return full[..., m:-m, m:-m].mean(dim=(1, 2, 3))

@@ -26,11 +26,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
-from torchmetrics.functional.image import structural_similarity_index_measure as _ssim
 
 from harness.cells import Job, digest
 from harness.config import ComponentCfg
 from harness.data import Split
+from harness.image_metrics import ssim
 from harness.methods import Method, WatermarkScore, register
 from harness.training import as_float, predict_logits
 
@@ -60,7 +60,9 @@ class DiscriminativeParams(BaseModel):
     benign_sim: ComponentCfg = ComponentCfg(**DEFAULT_BENIGN_SIM)
     malicious_sim: ComponentCfg = ComponentCfg(**DEFAULT_MALICIOUS_SIM)
     theta: float = Field(0.5, ge=0, le=1, description="authentic iff key accuracy >= theta")
-    n_control: int = Field(100, ge=1, description="natural test images in the control")
+    n_control: int = Field(
+        100, ge=1, description="natural test images in the control (drawn before the keys)"
+    )
     batch_size: int = Field(128, ge=1)
 
     @field_validator("source_arch")
@@ -103,11 +105,6 @@ def margin(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     p_t = p.gather(1, target[:, None]).squeeze(1)
     others = p.scatter(1, target[:, None], float("-inf"))
     return p_t - others.max(1).values
-
-
-def ssim(x: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
-    """Per-image SSIM (Gaussian window 11, sigma 1.5, data range 1), differentiable."""
-    return _ssim(x, ref, data_range=1.0, reduction="none")
 
 
 def quantize8(x: torch.Tensor) -> torch.Tensor:
@@ -216,6 +213,7 @@ def score(model, x: torch.Tensor, y: torch.Tensor, device) -> tuple[float, float
 @register("discriminative")
 class Discriminative(Method):
     Params = DiscriminativeParams
+    version = "2"  # 2: fixed control set drawn before the keys; scikit-image-matching SSIM
     wm_metric = "key_acc"
     marks_weights = False
 
@@ -241,7 +239,7 @@ class Discriminative(Method):
             if w > 0
         ]
         keygen_params = p.model_dump(mode="json", exclude={"theta", "source_arch"})
-        key = digest(["keygen", source.key, keygen_params, [s.key for s in sims]])
+        key = digest(["keygen", self.version, source.key, keygen_params, [s.key for s in sims]])
         return [Job("aux/keygen", key, cell, (source, *sims), "embed")]
 
     def run_aux(self, step: str, cell, ctx, artifacts, key: str, deps: list[dict]) -> dict:
@@ -265,16 +263,17 @@ class Discriminative(Method):
         return artifacts.save(f"aux/simulate_{role}", key, meta, model=copy)
 
     def _keygen(self, ctx, artifacts, key: str, deps: list[dict]) -> dict:
+        """Control first (a fixed seeded draw, so every key set is judged on the same natural
+        images), then keys from the rest of the pool."""
         p = self.params
         source, _ = artifacts.load_model(deps[0], ctx.device)
         sims = {d["role"]: artifacts.load_model(d, ctx.device)[0] for d in deps[1:]}
-        pool = correct_pool(source, ctx.data.test, p.pool_size, ctx.seed, ctx.device)
+        pool = correct_pool(source, ctx.data.test, p.pool_size + p.n_control, ctx.seed, ctx.device)
+        control = Split(pool.x[: p.n_control], pool.y[: p.n_control])
+        pool = Split(pool.x[p.n_control :], pool.y[p.n_control :])
         keys = generate_keys(source, pool, p, ctx.device, sims.get("benign"), sims.get("malicious"))
         originals = as_float(pool.x[keys["origin"]])
         sim_values = ssim(as_float(keys["x"]), originals) if len(keys["y"]) else torch.zeros(0)
-        unused = torch.ones(len(pool), dtype=torch.bool)
-        unused[keys["origin"]] = False
-        control = Split(pool.x[unused], pool.y[unused]).take(p.n_control, seed=ctx.seed)
         secret = {"x": keys["x"], "y": keys["y"], "control_x": control.x, "control_y": control.y}
         meta = {
             "n_keys": len(keys["y"]),

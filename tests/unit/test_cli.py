@@ -118,7 +118,18 @@ def test_run_missing_scenario_file(tmp_path: Path, capsys: pytest.CaptureFixture
     [
         ("methods", ["discriminative", "none", "trigger_set"]),
         ("attacks", ["distill", "fine_tune", "identity", "prune", "quantize"]),
-        ("datasets", ["cifar10", "cifar100", "digits", "imagefolder", "synthetic"]),
+        (
+            "datasets",
+            [
+                "cifar10",
+                "cifar100",
+                "digits",
+                "imagefolder",
+                "pairs_folder",
+                "photo_pairs",
+                "synthetic",
+            ],
+        ),
     ],
 )
 def test_list_registries(capsys: pytest.CaptureFixture, what: str, expected: list[str]) -> None:

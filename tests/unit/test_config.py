@@ -190,7 +190,15 @@ def test_unknown_arch_has_close_match(tmp_path: Path) -> None:
             "dataset.name",
             "digit",
             "digits",
-            ["cifar10", "cifar100", "digits", "imagefolder", "synthetic"],
+            [
+                "cifar10",
+                "cifar100",
+                "digits",
+                "imagefolder",
+                "pairs_folder",
+                "photo_pairs",
+                "synthetic",
+            ],
         ),
     ],
 )

@@ -77,8 +77,13 @@ def test_ssim_matches_scikit_image() -> None:
     noise = 0.1 * torch.randn(photo.shape, generator=torch.Generator().manual_seed(0))
     a, b = photo[None].double(), (photo + noise).clamp(0, 1)[None].double()
     expected = structural_similarity(
-        a[0].numpy(), b[0].numpy(), channel_axis=0, gaussian_weights=True, sigma=1.5,
-        use_sample_covariance=False, data_range=1,
+        a[0].numpy(),
+        b[0].numpy(),
+        channel_axis=0,
+        gaussian_weights=True,
+        sigma=1.5,
+        use_sample_covariance=False,
+        data_range=1,
     )
     assert expected < 0.9
     assert ssim(a, b).item() == pytest.approx(expected, abs=2e-3)

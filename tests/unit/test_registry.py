@@ -101,7 +101,15 @@ def test_close_match() -> None:
 def test_project_registries_list_what_is_registered() -> None:
     assert METHODS.list() == ["discriminative", "none", "trigger_set"]
     assert ATTACKS.list() == ["distill", "fine_tune", "identity", "prune", "quantize"]
-    assert DATASETS.list() == ["cifar10", "cifar100", "digits", "imagefolder", "synthetic"]
+    assert DATASETS.list() == [
+        "cifar10",
+        "cifar100",
+        "digits",
+        "imagefolder",
+        "pairs_folder",
+        "photo_pairs",
+        "synthetic",
+    ]
 
 
 def test_plugins_subclass_their_base_and_carry_their_name() -> None:
