@@ -12,6 +12,7 @@ import pytest
 import yaml
 
 from harness.cli import main
+from harness.data import DATASETS
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SMOKE = REPO_ROOT / "scenarios" / "smoke.yaml"
@@ -120,15 +121,7 @@ def test_run_missing_scenario_file(tmp_path: Path, capsys: pytest.CaptureFixture
         ("attacks", ["distill", "fine_tune", "identity", "prune", "quantize"]),
         (
             "datasets",
-            [
-                "cifar10",
-                "cifar100",
-                "digits",
-                "imagefolder",
-                "pairs_folder",
-                "photo_pairs",
-                "synthetic",
-            ],
+            DATASETS.list(),
         ),
     ],
 )

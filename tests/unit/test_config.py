@@ -13,6 +13,7 @@ from pydantic import BaseModel
 
 from harness.cells import expand_cells
 from harness.config import Scenario, expand_params, load_scenario, load_yaml_with_includes
+from harness.data import DATASETS
 from harness.errors import ConfigError, UnknownNameError
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -190,15 +191,7 @@ def test_unknown_arch_has_close_match(tmp_path: Path) -> None:
             "dataset.name",
             "digit",
             "digits",
-            [
-                "cifar10",
-                "cifar100",
-                "digits",
-                "imagefolder",
-                "pairs_folder",
-                "photo_pairs",
-                "synthetic",
-            ],
+            DATASETS.list(),
         ),
     ],
 )

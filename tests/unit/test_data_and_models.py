@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import socket
 from collections import Counter
 
 import pytest
@@ -15,16 +14,7 @@ from harness.config import DatasetCfg
 from harness.errors import UnknownNameError
 from model_zoo import LeNet, ModelSpec, check_arch, create_model, list_archs
 
-
-@pytest.fixture(autouse=True)
-def offline(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Nothing here may reach the network (no weight or data downloads)."""
-
-    def refuse(*args, **kwargs):
-        raise OSError("network access in a unit test")
-
-    monkeypatch.setattr(socket.socket, "connect", refuse)
-    monkeypatch.setattr(socket, "create_connection", refuse)
+pytestmark = pytest.mark.usefixtures("offline")
 
 
 def fingerprints(split: data.Split) -> Counter:

@@ -4,7 +4,6 @@ pairs_folder (side-by-side A|B files). x = domain A (degraded input), y = domain
 from __future__ import annotations
 
 import hashlib
-import socket
 from collections import Counter
 from pathlib import Path
 
@@ -21,15 +20,7 @@ from harness.errors import ConfigError
 DEGRADATIONS = ("noise", "rain", "blur")
 
 
-@pytest.fixture(autouse=True)
-def offline(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Nothing here may reach the network: the photos must ship with the installed wheels."""
-
-    def refuse(*args, **kwargs):
-        raise OSError("network access in a unit test")
-
-    monkeypatch.setattr(socket.socket, "connect", refuse)
-    monkeypatch.setattr(socket, "create_connection", refuse)
+pytestmark = pytest.mark.usefixtures("offline")
 
 
 def photo_cfg(**kw) -> DatasetCfg:

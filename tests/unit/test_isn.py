@@ -8,15 +8,7 @@ import torch.nn as nn
 
 from model_zoo.isn import ISN, CouplingBlock, DenseBlock, dwt, isn_loss, iwt, low_band
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """On a busy 2-core machine two intra-op threads spin against other work and the training
-    steps run ten times slower; one thread keeps these tests fast and their timing stable."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _perturbed(module: nn.Module, seed: int = 0) -> nn.Module:

@@ -22,14 +22,7 @@ from model_zoo.passport import (
 IMG = 32
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """On a busy 2-core machine two intra-op threads spin against other work and the training
-    steps run ten times slower; one thread keeps these tests fast and their timing stable."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _images(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
