@@ -47,6 +47,12 @@ def cmd_run(args) -> int:
         f"[bold]{scenario.name}[/bold]: {len(cells)} cells, {len(cells) - todo} already stored, "
         f"{todo} to run → store {args.store}"
     )
+    if todo and args.address and "://" not in args.store:
+        console.print(
+            f"[yellow]note:[/yellow] store {args.store!r} is a local path: on a "
+            "multi-node cluster it must be shared storage (NFS) or s3:// / gs://, "
+            "or each worker writes its rows to its own disk"
+        )
     if todo:
         scheduler.connect(args.address, args.num_cpus)
         summary = _run_with_progress(scheduler, scenario, cells, args)

@@ -460,3 +460,21 @@ def test_include_of_wrong_type_is_a_config_error(tmp_path: Path, include) -> Non
     err, path = config_error(tmp_path, scenario_with(include=include))
     assert err.file == str(path)
     assert err.field is not None and err.field.startswith("include")
+
+
+@pytest.mark.parametrize("name", ["photo_pairs", "pairs_folder"])
+def test_image_pair_datasets_are_refused_until_a_method_uses_them(name, tmp_path):
+    from harness.config import check_scenario, parse_scenario
+
+    scenario = parse_scenario(
+        {
+            "name": "x",
+            "dataset": {"name": name, "root": str(tmp_path)},
+            "archs": ["resnet10t"],
+            "methods": ["none"],
+            "attacks": ["identity"],
+        }
+    )
+    with pytest.raises(ConfigError) as err:
+        check_scenario(scenario, "x.yaml")
+    assert (err.value.field, err.value.value, err.value.exit_code) == ("dataset.name", name, 2)
