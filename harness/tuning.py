@@ -10,6 +10,8 @@ key SSIM >= `tune.ssim_min`, and at least `tune.min_keys` accepted keys per key 
 from __future__ import annotations
 
 import math
+import os
+import socket
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -72,10 +74,32 @@ def open_study(name: str, storage: str | None, store: str, scenario: Scenario) -
         load_if_exists=True,
     )
     for stale in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
-        study.tell(stale.number, state=optuna.trial.TrialState.FAIL)
+        if not _driver_alive(stale.user_attrs.get("driver")):
+            study.tell(stale.number, state=optuna.trial.TrialState.FAIL)
     if not study.trials:
         study.enqueue_trial(baseline(scenario))  # trial 0 measures the untuned parameters
     return study
+
+
+def _driver_id() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def _driver_alive(driver: str | None) -> bool:
+    """A trial's driver is alive if it is another live process on this host, or on another
+    host (which this driver cannot see: a shared RDB study leaves those trials alone)."""
+    if not driver:
+        return False
+    host, _, pid = driver.rpartition(":")
+    if host != socket.gethostname():
+        return True
+    try:
+        os.kill(int(pid), 0)
+    except (ProcessLookupError, ValueError):
+        return False
+    except PermissionError:
+        return True
+    return int(pid) != os.getpid()
 
 
 def baseline(scenario: Scenario) -> dict[str, float]:
@@ -156,6 +180,8 @@ def tune(
     attempts = 0
     while (done := _finished(study)) < trials and attempts < 2 * trials:
         batch = [study.ask() for _ in range(min(parallel, trials - done))]
+        for trial in batch:
+            trial.set_user_attr("driver", _driver_id())
         attempts += len(batch)
         drawn = [trial_scenario(scenario, t) for t in batch]
         run_cells(
