@@ -316,14 +316,14 @@ def check_scenario(scenario: Scenario, file: str | None = None) -> None:
         data.check_dataset(scenario.dataset)
     except ConfigError as e:
         raise e.with_location(file, None if e.field else "dataset.name") from None
-    if scenario.dataset.name in ("photo_pairs", "pairs_folder"):
+    if scenario.dataset.name in data.IMAGE_PAIR_DATASETS:
         raise ConfigError(
             "an image-to-image data set: no registered method trains on image pairs yet "
             "(the output-watermarking method will)",
             file=file,
             field="dataset.name",
             value=scenario.dataset.name,
-            allowed=["digits", "synthetic", "cifar10", "cifar100", "imagefolder"],
+            allowed=[n for n in data.DATASETS.list() if n not in data.IMAGE_PAIR_DATASETS],
         )
     expand_cells(scenario, file)
     if scenario.tune is not None:

@@ -373,6 +373,9 @@ def load_pairs_folder(cfg) -> RawData:
     return RawData(x, y, 0)
 
 
+IMAGE_PAIR_DATASETS = ("photo_pairs", "pairs_folder")  # image-to-image: x and y are images
+
+
 def check_dataset(cfg) -> None:
     """Fail early (before any task) on an unknown name or a missing root."""
     DATASETS.get(cfg.name)

@@ -108,7 +108,7 @@ REMOTES = {
 @ray.remote(num_cpus=0)
 def record_failure(cell: dict, store: str, run: dict, error: str) -> None:
     """A cell whose tasks died for good (retries spent) still gets its failed row."""
-    row = stages._base_row(Cell.from_dict(cell), "unknown", run)
+    row = stages.base_row(Cell.from_dict(cell), "unknown", run)
     write_row(store, {**row, "status": "failed", "error": error[:2000]})
 
 

@@ -143,7 +143,7 @@ def verify(
 ) -> dict:
     """The row of a cell (also for a failed one); written to the results store by the caller."""
     c = Cell.from_dict(cell)
-    row = _base_row(c, device, run)
+    row = base_row(c, device, run)
     bad = _failed((victim, marked, attacked))
     start = time.perf_counter()
     try:
@@ -167,7 +167,7 @@ def verify(
     return row
 
 
-def _base_row(c: Cell, device: str, run: dict) -> dict[str, Any]:
+def base_row(c: Cell, device: str, run: dict) -> dict[str, Any]:
     return {
         "cell_id": c.cell_id,
         "run_id": run.get("run_id"),

@@ -252,13 +252,11 @@ class Discriminative(Method):
         from dataclasses import replace
 
         from harness.attacks import create_attack
-        from model_zoo import ModelSpec
 
         sim = self.params.benign_sim if role == "benign" else self.params.malicious_sim
         model, spec = artifacts.load_model(source_meta, ctx.device)
         owner_ctx = replace(ctx, data=replace(ctx.data, attacker=ctx.data.owner), spec=spec)
         copy, out_spec = create_attack(sim.name, sim.params).apply(model, owner_ctx)
-        assert isinstance(out_spec, ModelSpec)
         meta = {"spec": out_spec.to_dict(), "role": role}
         return artifacts.save(f"aux/simulate_{role}", key, meta, model=copy)
 
