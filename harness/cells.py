@@ -109,7 +109,9 @@ def distinct_jobs(cells: list[Cell]) -> dict[str, Job]:
 
 
 def expand_cells(scenario, file: str | None = None) -> list[Cell]:
-    """The full grid, ordered so that cells sharing a victim and a marked model are adjacent."""
+    """The full grid, ordered so that cells sharing a victim and a marked model are adjacent.
+
+    Pairs of an attack that targets other methods' models (`Attack.methods`) are left out."""
     from harness.attacks import ATTACKS
     from harness.config import resolve_component
     from harness.methods import METHODS
@@ -134,6 +136,7 @@ def expand_cells(scenario, file: str | None = None) -> list[Cell]:
         for seed in scenario.seeds
         for m, mp in methods
         for a, ap, role in attacks
+        if ATTACKS.get(a).methods is None or m in ATTACKS.get(a).methods
     ]
     seen: dict[str, Cell] = {}
     for cell in cells:

@@ -304,30 +304,64 @@ def load_scenario(path: str | Path) -> Scenario:
 
 def check_scenario(scenario: Scenario, file: str | None = None) -> None:
     from harness import data
+    from harness.attacks import ATTACKS
     from harness.cells import expand_cells
+    from harness.methods import METHODS
     from model_zoo import check_arch
 
+    task = data.task_of(scenario.dataset.name)
     for i, arch in enumerate(scenario.archs):
         try:
-            check_arch(arch)
+            check_arch(arch, image2image=task == "image2image")
         except ConfigError as e:
             raise e.with_location(file, f"archs[{i}]") from None
     try:
         data.check_dataset(scenario.dataset)
     except ConfigError as e:
         raise e.with_location(file, None if e.field else "dataset.name") from None
-    if scenario.dataset.name in data.IMAGE_PAIR_DATASETS:
-        raise ConfigError(
-            "an image-to-image data set: no registered method trains on image pairs yet "
-            "(the output-watermarking method will)",
-            file=file,
-            field="dataset.name",
-            value=scenario.dataset.name,
-            allowed=[n for n in data.DATASETS.list() if n not in data.IMAGE_PAIR_DATASETS],
-        )
+    for field, comps, registry in (
+        ("methods", scenario.methods, METHODS),
+        ("attacks", scenario.attacks, ATTACKS),
+    ):
+        for i, comp in enumerate(comps):
+            check_component(comp, registry, f"{field}[{i}]", file, scenario.dataset)
+    method_names = {m.name for m in scenario.methods}
+    for i, a in enumerate(scenario.attacks):
+        targets = ATTACKS.get(a.name).methods
+        if targets is not None and not method_names & set(targets):
+            raise ConfigError(
+                f"attack {a.name!r} targets models of other methods only: no cell would run it",
+                file=file,
+                field=f"attacks[{i}].name",
+                value=a.name,
+                allowed=list(targets),
+                hint="add one of those methods to `methods`",
+            )
     expand_cells(scenario, file)
     if scenario.tune is not None:
         check_tune(scenario, file)
+
+
+def check_component(comp: ComponentCfg, registry, field: str, file: str | None, dataset) -> None:
+    """The plug-in handles the data set's task, and each grid point suits the data
+    (`check_data`: e.g. a U-Net depth the image size allows) - before any task starts."""
+    from harness import data
+
+    task = data.task_of(dataset.name)
+    cls = registry.get(comp.name) if comp.name in registry else None
+    if cls is not None and task not in cls.tasks:
+        raise ConfigError(
+            f"{registry.kind} {comp.name!r} does not apply to {task} data ({dataset.name})",
+            file=file,
+            field=f"{field}.name",
+            value=comp.name,
+            allowed=[n for n in registry.list() if task in registry.get(n).tasks],
+        )
+    for params in resolve_component(comp, registry, field, file):
+        try:
+            cls(params).check_data(dataset)
+        except ConfigError as e:
+            raise e.with_location(file, f"{field}.params") from None
 
 
 def check_tune(scenario: Scenario, file: str | None) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch.nn as nn
 
@@ -17,6 +18,13 @@ class Context:
     spec: ModelSpec
     device: str
     seed: int
+    artifacts: Any = None  # harness.artifacts.ArtifactStore, for methods' and attacks' own files
+    marked: dict | None = None  # attack / verify: the embed stage's meta
+    evidence: dict | None = None  # verify: what the attack returned beside its model
+
+    @property
+    def task(self) -> str:
+        return self.data.task
 
     def create_model(self, spec: ModelSpec | None = None) -> nn.Module:
         from harness.training import prepare

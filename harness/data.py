@@ -46,6 +46,10 @@ class Splits:
     channels: int
     image_size: int
 
+    @property
+    def task(self) -> str:
+        return "image2image" if self.num_classes == 0 else "classification"
+
 
 @dataclass(frozen=True)
 class RawData:
@@ -374,6 +378,11 @@ def load_pairs_folder(cfg) -> RawData:
 
 
 IMAGE_PAIR_DATASETS = ("photo_pairs", "pairs_folder")  # image-to-image: x and y are images
+
+
+def task_of(name: str) -> str:
+    """The task a data set poses, known from its name alone (before anything is loaded)."""
+    return "image2image" if name in IMAGE_PAIR_DATASETS else "classification"
 
 
 def check_dataset(cfg) -> None:

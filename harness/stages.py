@@ -24,10 +24,11 @@ from harness.attacks import create_attack
 from harness.cells import Cell, Job, canonical
 from harness.config import DatasetCfg, TrainCfg
 from harness.context import Context
+from harness import data
 from harness.data import load_splits
 from harness.errors import TransientError
 from harness.methods import create_method
-from harness.training import accuracy, seed_everything, train_classifier
+from harness.training import TASK_METRIC, seed_everything, task_score, train_task_model
 from model_zoo import ModelSpec
 
 WRT_MAX_TASK_DROP = 0.05  # WRT: a removal counts only if task accuracy drops by less than this
@@ -67,12 +68,14 @@ def stage(name: str) -> Callable:
     return decorate
 
 
-def _context(cell: Cell, device: str, spec: ModelSpec | None = None) -> Context:
+def _context(
+    cell: Cell, device: str, spec: ModelSpec | None = None, **extra: Any
+) -> Context:
     dataset = DatasetCfg(**cell.dataset)
     data = load_splits(dataset)
     spec = spec or ModelSpec(cell.arch, data.num_classes, data.channels, data.image_size)
     return Context(
-        data=data, train=TrainCfg(**cell.train), spec=spec, device=device, seed=cell.seed
+        data=data, train=TrainCfg(**cell.train), spec=spec, device=device, seed=cell.seed, **extra
     )
 
 
@@ -81,10 +84,10 @@ def train_victim(cell: Cell, key: str, artifacts: ArtifactStore, device: str) ->
     ctx = _context(cell, device)
     seed_everything(cell.seed)
     model = ctx.create_model()
-    stats = train_classifier(model, ctx.data.owner, ctx.train, device, cell.seed)
+    stats = train_task_model(model, ctx.data.owner, ctx.train, device, cell.seed)
     meta = {
         "spec": ctx.spec.to_dict(),
-        "task_score": accuracy(model, ctx.data.test, device),
+        "task_score": task_score(model, ctx.data.test, device),
         "train": stats,
     }
     return artifacts.save("train_victim", key, meta, model=model)
@@ -94,15 +97,17 @@ def train_victim(cell: Cell, key: str, artifacts: ArtifactStore, device: str) ->
 def embed(
     cell: Cell, key: str, artifacts: ArtifactStore, device: str, victim: dict, *deps: dict
 ) -> dict:
-    ctx = _context(cell, device)
+    ctx = _context(cell, device, artifacts=artifacts)
     model, _ = artifacts.load_model(victim, device)
     method = create_method(cell.method, cell.method_params)
     seed_everything(cell.seed)
-    marked, secret = method.embed(model, ctx, list(deps), artifacts)
+    out = method.embed(model, ctx, list(deps), artifacts)
+    marked, secret = out[:2]
+    spec = out[2] if len(out) > 2 else ModelSpec(**victim["spec"])  # a method may add structure
     score = method.verify(marked, secret, ctx)
     meta = {
-        "spec": victim["spec"],
-        "task_score": accuracy(marked, ctx.data.test, device),
+        "spec": spec.to_dict(),
+        "task_score": task_score(marked, ctx.data.test, device),
         "wm": asdict(score),
     }
     if marked is model and not _changed(victim, marked, artifacts):
@@ -113,7 +118,7 @@ def embed(
 
 
 def _aux(cell: Cell, key: str, artifacts: ArtifactStore, device: str, *deps: dict, step: str):
-    ctx = _context(cell, device)
+    ctx = _context(cell, device, artifacts=artifacts)
     seed_everything(cell.seed)
     method = create_method(cell.method, cell.method_params)
     return method.run_aux(step, cell, ctx, artifacts, key, list(deps))
@@ -129,13 +134,16 @@ def _changed(meta: dict, model, artifacts: ArtifactStore) -> bool:
 @stage("attack")
 def attack(cell: Cell, key: str, artifacts: ArtifactStore, device: str, marked: dict) -> dict:
     model, spec = artifacts.load_model(marked, device)
-    ctx = _context(cell, device, spec)
+    ctx = _context(cell, device, spec, artifacts=artifacts, marked=marked)
     seed_everything(cell.seed)
-    attacked, out_spec = create_attack(cell.attack, cell.attack_params).apply(model, ctx)
-    meta = {"spec": out_spec.to_dict()}
+    out = create_attack(cell.attack, cell.attack_params).apply(model, ctx)
+    attacked, out_spec = out[:2]
+    evidence = out[2] if len(out) > 2 else None  # forged passports, keys: artifacts only
+    meta = {"spec": out_spec.to_dict(), "evidence": evidence is not None}
     if attacked is model and not _changed(marked, attacked, artifacts):
-        return artifacts.save("attack", key, meta, model_ref=tuple(marked["model_ref"]))
-    return artifacts.save("attack", key, meta, model=attacked)
+        ref = tuple(marked["model_ref"])
+        return artifacts.save("attack", key, meta, model_ref=ref, secret=evidence)
+    return artifacts.save("attack", key, meta, model=attacked, secret=evidence)
 
 
 def verify(
@@ -185,7 +193,7 @@ def base_row(c: Cell, device: str, run: dict) -> dict[str, Any]:
         "device": device,
         "harness_version": __version__,
         "git_sha": run.get("git_sha"),
-        "task_metric": "accuracy",
+        "task_metric": TASK_METRIC[data.task_of(c.dataset["name"])],
         "wm_detected": False,
     }
 
@@ -193,14 +201,15 @@ def base_row(c: Cell, device: str, run: dict) -> dict[str, Any]:
 def _measure(c: Cell, store: str, device: str, victim: dict, marked: dict, attacked: dict) -> dict:
     artifacts = ArtifactStore(store)
     model, spec = artifacts.load_model(attacked, device)
-    ctx = _context(c, device, spec)
+    evidence = artifacts.load_secret("attack", attacked["key"]) if attacked.get("evidence") else None
+    ctx = _context(c, device, spec, artifacts=artifacts, marked=marked, evidence=evidence)
     method = create_method(c.method, c.method_params)
     secret = artifacts.load_secret("embed", marked["key"]) if method.wm_metric else {}
     score = method.verify(model, secret, ctx)
     out = {
         "task_score_clean": victim["task_score"],
         "task_score_marked": marked["task_score"],
-        "task_score_attacked": accuracy(model, ctx.data.test, device),
+        "task_score_attacked": task_score(model, ctx.data.test, device),
         "wm_metric": method.wm_metric,
         "wm_score_marked": marked["wm"]["score"],
         "wm_score_attacked": score.score,

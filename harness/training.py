@@ -116,6 +116,49 @@ def train_classifier(
     return fit(model, data.x, data.y, cfg, device, seed, **kw)
 
 
+def is_image2image(data: Split) -> bool:
+    return data.y.dim() == 4
+
+
+def pixel_loss(kind: str = "l1") -> LossFn:
+    """L1 / L2 between an output image and a (uint8 or float) target image."""
+    fn = {"l1": F.l1_loss, "l2": F.mse_loss}[kind]
+    return lambda out, target: fn(out, as_float(target, out.device))
+
+
+def train_task_model(
+    model: nn.Module, data: Split, cfg, device, seed: int, **kw
+) -> dict[str, float]:
+    """Supervised training for the data's task: CE on labels, or L1 on image pairs (A -> B).
+
+    Image pairs are never shifted (`augment` would misalign input and target)."""
+    if not is_image2image(data):
+        return train_classifier(model, data, cfg, device, seed, **kw)
+    cfg = cfg.model_copy(update={"augment": False})
+    return fit(model, data.x, data.y, cfg, device, seed, loss_fn=pixel_loss("l1"), **kw)
+
+
+@torch.no_grad()
+def predict_images(model: nn.Module, x: torch.Tensor, device, batch_size: int = 128):
+    """A model's output images, float in [0, 1] on the CPU (what `predict_logits` is for labels)."""
+    return predict_logits(model, x, device, batch_size).clamp(0, 1)
+
+
+def mean_psnr(model: nn.Module, data: Split, device) -> float:
+    from harness.image_metrics import psnr
+
+    values = psnr(predict_images(model, data.x, device), as_float(data.y))
+    return values[values.isfinite()].mean().item()
+
+
+def task_score(model: nn.Module, data: Split, device) -> float:
+    """The task metric of `TASK_METRIC`: accuracy on labels, mean PSNR (dB) on image pairs."""
+    return mean_psnr(model, data, device) if is_image2image(data) else accuracy(model, data, device)
+
+
+TASK_METRIC = {"classification": "accuracy", "image2image": "psnr"}
+
+
 @torch.no_grad()
 def predict_logits(
     model: nn.Module, x: torch.Tensor, device, batch_size: int = 512

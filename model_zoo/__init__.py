@@ -12,6 +12,9 @@ from harness.errors import UnknownNameError
 from harness.registry import Registry, close_match
 
 OWN_MODELS: Registry = Registry("model_zoo network")
+# name -> fn(model, spec, **wrapper_params) -> model: structure a method adds to a network
+# (passport layers, a watermark barrier), rebuilt here before stored weights are loaded.
+WRAPPERS: Registry = Registry("model wrapper")
 
 
 @dataclass(frozen=True)
@@ -19,9 +22,11 @@ class ModelSpec:
     """Everything needed to rebuild a network before loading its weights."""
 
     arch: str
-    num_classes: int
+    num_classes: int  # 0: an image-to-image network (`arch` names a model_zoo.image2image net)
     in_chans: int
     img_size: int
+    wrapper: str | None = None  # a WRAPPERS entry applied after building `arch` (e.g. passports)
+    wrapper_params: dict | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -39,7 +44,11 @@ def list_archs() -> list[str]:
     return sorted(_timm_names() | set(OWN_MODELS.list()))
 
 
-def check_arch(name: str) -> None:
+def check_arch(name: str, image2image: bool = False) -> None:
+    if image2image:
+        from model_zoo.image2image import check_image2image
+
+        return check_image2image(name)
     if name in OWN_MODELS or name in _timm_names():
         return
     raise UnknownNameError(
@@ -57,6 +66,17 @@ def _fixed_input_size(name: str) -> bool:
 
 def create_model(spec: ModelSpec) -> nn.Module:
     """A freshly initialised network; `img_size` goes to timm only where its input is fixed."""
+    model = _create_base(spec)
+    if spec.wrapper is not None:
+        model = WRAPPERS.get(spec.wrapper)(model, spec, **(spec.wrapper_params or {}))
+    return model
+
+
+def _create_base(spec: ModelSpec) -> nn.Module:
+    if spec.num_classes == 0:
+        from model_zoo.image2image import create_image2image
+
+        return create_image2image(spec.arch, spec.in_chans, spec.in_chans)
     check_arch(spec.arch)
     if spec.arch in OWN_MODELS:
         return OWN_MODELS.get(spec.arch)(spec)

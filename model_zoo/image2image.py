@@ -333,19 +333,45 @@ IMAGE2IMAGE: dict[str, Callable[..., nn.Module]] = {
 TIMM_PREFIX = "timm_unet:"
 
 
+WIDTH_SEP = "@"  # "unet@16": the family at base width 16 (paper widths: 64; timm_unet: 32)
+
+
 def list_image2image() -> list[str]:
-    return sorted(IMAGE2IMAGE) + [f"{TIMM_PREFIX}<timm name>"]
+    return sorted(IMAGE2IMAGE) + [f"{TIMM_PREFIX}<timm name>", f"<any of these>{WIDTH_SEP}<width>"]
 
 
-def create_image2image(name: str, in_ch: int, out_ch: int, **kw) -> nn.Module:
-    """A freshly initialised surrogate family by name; `kw` goes to its constructor."""
-    if name.startswith(TIMM_PREFIX):
-        return TimmUNet(name.removeprefix(TIMM_PREFIX), in_ch, out_ch, **kw)
-    if name not in IMAGE2IMAGE:
+def _parse(name: str) -> tuple[str, dict]:
+    family, sep, width = name.partition(WIDTH_SEP)
+    if not sep:
+        return family, {}
+    if not width.isdigit() or not 1 <= int(width) <= 1024:
+        raise UnknownNameError(
+            f"the base width after {WIDTH_SEP!r} must be an integer in 1..1024",
+            value=name,
+            allowed=list_image2image(),
+        )
+    return family, {"base": int(width)}
+
+
+def check_image2image(name: str) -> None:
+    """Fail early on an unknown family, timm encoder or width (no network is built)."""
+    family, _ = _parse(name)
+    if family.startswith(TIMM_PREFIX):
+        return check_timm_name(family.removeprefix(TIMM_PREFIX))
+    if family not in IMAGE2IMAGE:
         raise UnknownNameError(
             "unknown image-to-image network",
             value=name,
-            hint=close_match(name, sorted(IMAGE2IMAGE)),
+            hint=close_match(family, sorted(IMAGE2IMAGE)),
             allowed=list_image2image(),
         )
-    return IMAGE2IMAGE[name](in_ch, out_ch, **kw)
+
+
+def create_image2image(name: str, in_ch: int, out_ch: int, **kw) -> nn.Module:
+    """A freshly initialised network by name ("unet", "resnet9@16", "timm_unet:resnet18");
+    `kw` goes to its constructor."""
+    check_image2image(name)
+    family, width = _parse(name)
+    if family.startswith(TIMM_PREFIX):
+        return TimmUNet(family.removeprefix(TIMM_PREFIX), in_ch, out_ch, **{**width, **kw})
+    return IMAGE2IMAGE[family](in_ch, out_ch, **{**width, **kw})

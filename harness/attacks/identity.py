@@ -7,5 +7,7 @@ from harness.attacks import Attack, register
 
 @register("identity")
 class Identity(Attack):
+    tasks = ("classification", "image2image")
+
     def apply(self, model, ctx):
         return model, ctx.spec

@@ -33,9 +33,15 @@ class Method:
     # False for non-intrusive methods (keys verify an unchanged model), where "an unmarked
     # model is not detected" does not apply: the unmarked model *is* the protected one.
     marks_weights: ClassVar[bool] = True
+    # The kind of model it protects: "classification" (labels) or "image2image" (image pairs).
+    tasks: ClassVar[tuple[str, ...]] = ("classification",)
 
     def __init__(self, params: dict[str, Any] | None = None) -> None:
         self.params = self.Params(**(params or {}))
+
+    def check_data(self, dataset) -> None:
+        """Raise a ConfigError (field: the parameter's name) if these params cannot work on
+        `dataset` (a DatasetCfg); runs at validation, before any task starts."""
 
     def aux_jobs(self, cell) -> list:
         """Extra upstream stages the embedding needs (null models, key generation, ...).

@@ -7,6 +7,8 @@ from harness.methods import Method, WatermarkScore, register
 
 @register("none")
 class NoWatermark(Method):
+    tasks = ("classification", "image2image")
+
     def embed(self, victim, ctx, deps, artifacts):
         return victim, {}
 

@@ -462,19 +462,38 @@ def test_include_of_wrong_type_is_a_config_error(tmp_path: Path, include) -> Non
     assert err.field is not None and err.field.startswith("include")
 
 
-@pytest.mark.parametrize("name", ["photo_pairs", "pairs_folder"])
-def test_image_pair_datasets_are_refused_until_a_method_uses_them(name, tmp_path):
-    from harness.config import check_scenario, parse_scenario
+def _pair_scenario(tmp_path, **over):
+    from harness.config import parse_scenario
 
-    scenario = parse_scenario(
-        {
-            "name": "x",
-            "dataset": {"name": name, "root": str(tmp_path)},
-            "archs": ["resnet10t"],
-            "methods": ["none"],
-            "attacks": ["identity"],
-        }
-    )
+    base = {
+        "name": "x",
+        "dataset": {"name": "photo_pairs", "image_size": 32},
+        "archs": ["unet@8"],
+        "methods": ["none"],
+        "attacks": ["identity"],
+    }
+    return parse_scenario({**base, **over})
+
+
+@pytest.mark.parametrize(
+    ("over", "field", "value"),
+    [
+        ({"archs": ["resnet10t"]}, "archs[0]", "resnet10t"),  # a classifier on image pairs
+        ({"archs": ["unet@x"]}, "archs[0]", "unet@x"),
+        ({"methods": ["trigger_set"]}, "methods[0].name", "trigger_set"),
+        ({"attacks": ["fine_tune"]}, "attacks[0].name", "fine_tune"),
+    ],
+)
+def test_plugins_must_fit_the_tasks_data(tmp_path, over, field, value):
+    from harness.config import check_scenario
+
     with pytest.raises(ConfigError) as err:
-        check_scenario(scenario, "x.yaml")
-    assert (err.value.field, err.value.value, err.value.exit_code) == ("dataset.name", name, 2)
+        check_scenario(_pair_scenario(tmp_path, **over), "x.yaml")
+    assert (err.value.field, err.value.value, err.value.exit_code) == (field, value, 2)
+    assert err.value.allowed
+
+
+def test_image_pair_scenario_with_task_agnostic_plugins_validates(tmp_path):
+    from harness.config import check_scenario
+
+    check_scenario(_pair_scenario(tmp_path), "x.yaml")

@@ -122,7 +122,13 @@ def test_unknown_name_lists_the_allowed_ones() -> None:
     with pytest.raises(UnknownNameError, match="Did you mean 'resnet9'") as err:
         create_image2image("resnet8", 3, 3)
     assert "timm_unet:<timm name>" in str(err.value)
-    assert list_image2image() == ["cnet", "resnet16", "resnet9", "unet", "timm_unet:<timm name>"]
+    assert list_image2image()[:5] == ["cnet", "resnet16", "resnet9", "unet", "timm_unet:<timm name>"]
+
+
+def test_width_suffix_sets_the_base_width() -> None:
+    assert create_image2image("cnet@8", 3, 3).net[0][0].out_channels == 8
+    with pytest.raises(UnknownNameError, match="base width"):
+        create_image2image("cnet@0", 3, 3)
 
 
 def test_unknown_timm_encoder_is_refused() -> None:
