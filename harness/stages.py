@@ -18,13 +18,12 @@ from collections.abc import Callable
 from dataclasses import asdict
 from typing import Any
 
-from harness import __version__
+from harness import __version__, data
 from harness.artifacts import ArtifactStore
 from harness.attacks import create_attack
 from harness.cells import Cell, Job, canonical
 from harness.config import DatasetCfg, TrainCfg
 from harness.context import Context
-from harness import data
 from harness.data import load_splits
 from harness.errors import TransientError
 from harness.methods import create_method
@@ -201,7 +200,8 @@ def base_row(c: Cell, device: str, run: dict) -> dict[str, Any]:
 def _measure(c: Cell, store: str, device: str, victim: dict, marked: dict, attacked: dict) -> dict:
     artifacts = ArtifactStore(store)
     model, spec = artifacts.load_model(attacked, device)
-    evidence = artifacts.load_secret("attack", attacked["key"]) if attacked.get("evidence") else None
+    has_evidence = attacked.get("evidence")
+    evidence = artifacts.load_secret("attack", attacked["key"]) if has_evidence else None
     ctx = _context(c, device, spec, artifacts=artifacts, marked=marked, evidence=evidence)
     method = create_method(c.method, c.method_params)
     secret = artifacts.load_secret("embed", marked["key"]) if method.wm_metric else {}

@@ -122,7 +122,8 @@ def test_unknown_name_lists_the_allowed_ones() -> None:
     with pytest.raises(UnknownNameError, match="Did you mean 'resnet9'") as err:
         create_image2image("resnet8", 3, 3)
     assert "timm_unet:<timm name>" in str(err.value)
-    assert list_image2image()[:5] == ["cnet", "resnet16", "resnet9", "unet", "timm_unet:<timm name>"]
+    names = ["cnet", "resnet16", "resnet9", "unet", "timm_unet:<timm name>"]
+    assert list_image2image()[:5] == names
 
 
 def test_width_suffix_sets_the_base_width() -> None:
