@@ -120,7 +120,7 @@ def _show(
     fmt: str = "table",
 ) -> None:
     from results import load
-    from results.analysis import discriminability, summary
+    from results.analysis import discriminability, output_watermarking, summary
     from results.report import markdown, render
 
     df = load(store)
@@ -131,6 +131,9 @@ def _show(
     disc = discriminability(df)
     if not disc.empty:
         tables.append(("discriminability (benign - malicious)", disc.drop(columns=["scenario"])))
+    outputs = output_watermarking(df)
+    if not outputs.empty:
+        tables.append(("output watermarking (success = share of outputs with NC > 0.95)", outputs))
     for name, table in tables:
         if fmt == "markdown":
             print(f"\n**{name}**\n\n{markdown(table)}")

@@ -308,11 +308,14 @@ def check_scenario(scenario: Scenario, file: str | None = None) -> None:
     from harness.cells import expand_cells
     from harness.methods import METHODS
     from model_zoo import check_arch
+    from model_zoo.image2image import check_image_size
 
     task = data.task_of(scenario.dataset.name)
     for i, arch in enumerate(scenario.archs):
         try:
             check_arch(arch, image2image=task == "image2image")
+            if task == "image2image":
+                check_image_size(arch, scenario.dataset.image_size, scenario.dataset.channels)
         except ConfigError as e:
             raise e.with_location(file, f"archs[{i}]") from None
     try:
@@ -324,7 +327,7 @@ def check_scenario(scenario: Scenario, file: str | None = None) -> None:
         ("attacks", scenario.attacks, ATTACKS),
     ):
         for i, comp in enumerate(comps):
-            check_component(comp, registry, f"{field}[{i}]", file, scenario.dataset)
+            check_component(comp, registry, f"{field}[{i}]", file, scenario)
     method_names = {m.name for m in scenario.methods}
     for i, a in enumerate(scenario.attacks):
         targets = ATTACKS.get(a.name).methods
@@ -342,11 +345,13 @@ def check_scenario(scenario: Scenario, file: str | None = None) -> None:
         check_tune(scenario, file)
 
 
-def check_component(comp: ComponentCfg, registry, field: str, file: str | None, dataset) -> None:
+def check_component(comp: ComponentCfg, registry, field: str, file: str | None, scenario) -> None:
     """The plug-in handles the data set's task, and each grid point suits the data
-    (`check_data`: e.g. a U-Net depth the image size allows) - before any task starts."""
+    (`check_data`: e.g. a U-Net depth the image size allows) and, for methods, every arch
+    (`check_arch`: e.g. passport layers need BatchNorm) - before any task starts."""
     from harness import data
 
+    dataset = scenario.dataset
     task = data.task_of(dataset.name)
     cls = registry.get(comp.name) if comp.name in registry else None
     if cls is not None and task not in cls.tasks:
@@ -359,7 +364,10 @@ def check_component(comp: ComponentCfg, registry, field: str, file: str | None, 
         )
     for params in resolve_component(comp, registry, field, file):
         try:
-            cls(params).check_data(dataset)
+            plugin = cls(params)
+            plugin.check_data(dataset)
+            for arch in scenario.archs if hasattr(plugin, "check_arch") else ():
+                plugin.check_arch(arch, dataset)
         except ConfigError as e:
             raise e.with_location(file, f"{field}.params") from None
 

@@ -152,3 +152,12 @@ class MLPHead(nn.Module):
             nn.Linear(self.backbone.num_features, self.hidden), nn.ReLU(),
             nn.Linear(self.hidden, num_classes),
         )
+
+
+def _register_wrappers() -> None:
+    from model_zoo import image2image
+
+    WRAPPERS.register("barrier")(image2image.barrier_wrapper)
+
+
+_register_wrappers()

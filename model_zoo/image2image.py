@@ -367,6 +367,23 @@ def check_image2image(name: str) -> None:
         )
 
 
+def check_image_size(name: str, size: int, channels: int = 3) -> None:
+    """Fail early where a network cannot take `size` x `size` images (a U-Net's depth, a
+    stride schedule): one eval-mode forward of a blank image, before any task starts."""
+    from harness.errors import ConfigError
+
+    net = create_image2image(name, channels, channels).eval()
+    try:
+        with torch.no_grad():
+            net(torch.zeros(1, channels, size, size))
+    except (ValueError, RuntimeError) as e:
+        raise ConfigError(
+            f"{name!r} cannot take {size}x{size} images: {e}",
+            value=name,
+            hint="change dataset.image_size or the network (unet_min_size(depth) = 2**depth)",
+        ) from None
+
+
 def create_image2image(name: str, in_ch: int, out_ch: int, **kw) -> nn.Module:
     """A freshly initialised network by name ("unet", "resnet9@16", "timm_unet:resnet18");
     `kw` goes to its constructor."""
@@ -375,3 +392,31 @@ def create_image2image(name: str, in_ch: int, out_ch: int, **kw) -> nn.Module:
     if family.startswith(TIMM_PREFIX):
         return TimmUNet(family.removeprefix(TIMM_PREFIX), in_ch, out_ch, **{**width, **kw})
     return IMAGE2IMAGE[family](in_ch, out_ch, **{**width, **kw})
+
+
+# ------------------------------------------------------------------------ the marked model
+
+
+class Barrier(nn.Module):
+    """M followed by the barrier H: a(A) -> H(concat(M(A), delta)), the model the owner serves.
+
+    The watermark image `delta` is a buffer (it is in the served network's weights anyway); the
+    extractor R that recovers it is the owner's secret and lives apart from this module.
+    """
+
+    def __init__(self, base: nn.Module, channels: int, size: int, width: int, depth: int) -> None:
+        super().__init__()
+        self.base = base
+        self.barrier = UNet(2 * channels, channels, base=width, depth=depth)
+        self.register_buffer("delta", torch.zeros(1, channels, size, size))
+
+    def hide(self, b: torch.Tensor) -> torch.Tensor:
+        """H alone: watermark processed images `b` (what is trained against M's outputs)."""
+        return self.barrier(torch.cat([b, self.delta.expand(len(b), -1, -1, -1)], dim=1))
+
+    def forward(self, a: torch.Tensor) -> torch.Tensor:
+        return self.hide(self.base(a).clamp(0, 1))
+
+
+def barrier_wrapper(model: nn.Module, spec, width: int = 64, depth: int = 5) -> Barrier:
+    return Barrier(model, spec.in_chans, spec.img_size, width, depth)

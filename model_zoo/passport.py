@@ -333,3 +333,124 @@ def _recorder(store: dict[int, Tensor], key: int):
         store.setdefault(key, args[0].detach())
 
     return hook
+
+
+def check_passport_stages(model: nn.Module, stages: list[str] | None) -> list[int]:
+    """The channel count of every BatchNorm2d that `convert_to_passport(model, stages, ...)` would
+    swap, without converting; raises the converter's ConfigErrors (unknown stage, no BN, no conv
+    feeding a BN) and refuses a layer wider than one SHA-512 digest can sign."""
+    names = stages or [_deepest_stage(model)]
+    widths = []
+    for name in names:
+        for slot in _slots(model, name):
+            _check_conv_bn(slot.conv, slot.bn)
+            widths.append(slot.bn.num_features)
+            if widths[-1] > SHA512_BITS:
+                raise ConfigError(
+                    f"a passport layer in stage {name!r} has {widths[-1]} channels but one "
+                    f"SHA-512 signature holds {SHA512_BITS} bits (one per channel)",
+                    field="stages",
+                    value=name,
+                    allowed=[s for s in _bn_stages(model) if _max_width(model, s) <= SHA512_BITS],
+                )
+    return widths
+
+
+def _max_width(model: nn.Module, stage: str) -> int:
+    return max(
+        (m.num_features for m in model.get_submodule(stage).modules() if type(m) is nn.BatchNorm2d),
+        default=0,
+    )
+
+
+def capture_passports(model: nn.Module, image: Tensor, *, grad: bool = False) -> list[Tensor]:
+    """What each passport layer's conv sees while the model's deployment branch (eval mode, BN
+    statistics untouched) runs on the passport image(s) `image` ((C, H, W) or (1, C, H, W)).
+
+    This is how a passport image becomes per-layer passports on an already converted model (the
+    converter does the same on the plain one). With `grad`, gradients reach `image` and the
+    layers before each passport layer (what a forger optimising a passport image needs)."""
+    layers = passport_layers(model)
+    seen: dict[int, Tensor] = {}
+    modes = {m: m.training for m in model.modules()}
+    branch = [layer.mode for layer in layers]
+
+    def recorder(key: int):
+        def hook(_module: nn.Module, args: tuple) -> None:
+            seen.setdefault(key, args[0] if grad else args[0].detach())
+
+        return hook
+
+    hooks = [layer.conv.register_forward_pre_hook(recorder(i)) for i, layer in enumerate(layers)]
+    batch = image.unsqueeze(0) if image.dim() == 3 else image
+    try:
+        model.eval()
+        for layer in layers:
+            layer.mode = Mode.DEPLOYMENT
+        with torch.set_grad_enabled(grad):
+            model(batch.to(next(model.parameters())))
+    finally:
+        for module, training in modes.items():
+            module.training = training
+        for layer, mode in zip(layers, branch, strict=True):
+            layer.mode = mode
+        for hook in hooks:
+            hook.remove()
+    return [seen[i] for i in range(len(layers))]
+
+
+def set_passports(model: nn.Module, gamma: list[Tensor], beta: list[Tensor]) -> None:
+    """Put per-layer passports (as from `capture_passports`) into the passport layers' buffers."""
+    layers = passport_layers(model)
+    if not len(layers) == len(gamma) == len(beta):
+        raise ValueError(
+            f"{len(layers)} passport layers but {len(gamma)} gamma and {len(beta)} beta passports"
+        )
+    for layer, g, b in zip(layers, gamma, beta, strict=True):
+        layer.passport_gamma, layer.passport_beta = g, b
+
+
+class ResidualTLP(nn.Module):
+    """An ambiguity attacker's TLP: the model's TLP plus a residual perceptron that starts at zero
+    (ERB), so training it can only move the verification branch away from where it was."""
+
+    def __init__(self, base: nn.Module, channels: int) -> None:
+        super().__init__()
+        self.base, self.residual = base, TLP(channels)
+        nn.init.zeros_(self.residual[-1].weight)
+        nn.init.zeros_(self.residual[-1].bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.base(x) + self.residual(x)
+
+
+def add_residual_tlp(model: nn.Module) -> list[ResidualTLP]:
+    """Wrap every passport layer's TLP in a `ResidualTLP`; returns the new modules."""
+    out = []
+    for layer in passport_layers(model):
+        layer.tlp = ResidualTLP(layer.tlp, layer.channels).to(layer.bn1.weight)
+        out.append(layer.tlp)
+    return out
+
+
+def passport_wrapper(
+    model: nn.Module, spec, stages: list[str] | None = None, residual_tlp: bool = False
+) -> nn.Module:
+    """The `passport` ModelSpec wrapper: the same passport layers on a fresh network, with zero
+    placeholder passports of the right shapes (a stored state dict then fills every buffer);
+    `residual_tlp` rebuilds a model an ERB attacker gave residual TLPs."""
+    blank = torch.zeros(spec.in_chans, spec.img_size, spec.img_size)
+    convert_to_passport(model, stages, blank, blank)
+    if residual_tlp:
+        add_residual_tlp(model)
+    return model
+
+
+def _register_wrapper() -> None:
+    from model_zoo import WRAPPERS
+
+    if "passport" not in WRAPPERS:
+        WRAPPERS.register("passport")(passport_wrapper)
+
+
+_register_wrapper()

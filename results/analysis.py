@@ -101,3 +101,34 @@ def discriminability(df: pd.DataFrame) -> pd.DataFrame:
     out["disc_control"] = out["control_benign"] - out["control_malicious"]
     out["disc_rel"] = out["disc"] - out["disc_control"]
     return out.reset_index()
+
+
+def output_watermarking(df: pd.DataFrame) -> pd.DataFrame:
+    """Per setting of the output-watermarking method and per attack: the success rate (share of
+    outputs whose extraction has NC > 0.95), mean NC and centred NC, the false-positive rate on
+    clean images, the served model's invisibility (PSNR / SSIM of B' vs B) and the attacked
+    model's task PSNR. Rows of `surrogate` with `outputs: unmarked` are the control: their
+    success rate is the false-positive rate on a surrogate of unmarked outputs."""
+    d = df[(df["status"] == "ok") & (df["wm_metric"] == "success_rate")]
+    if d.empty:
+        return pd.DataFrame()
+    attack = d["attack_params"].map(lambda p: json.loads(p or "{}"))
+    d = d.assign(
+        settings=label(d, "method", "method_params"),
+        attack=label(d, "attack", "attack_params"),
+        outputs=attack.map(lambda p: p.get("outputs", "marked")),
+        **{m: _metric(d, m) for m in ("nc", "centred_nc", "fp_clean")},
+        wm_psnr=_metric(d, "wm_psnr_marked"),
+        wm_ssim=_metric(d, "wm_ssim_marked"),
+    )
+    out = d.groupby(["settings", "attack", "outputs"]).agg(
+        cells=("cell_id", "size"),
+        success_rate=("wm_score_attacked", "mean"),
+        nc=("nc", "mean"),
+        centred_nc=("centred_nc", "mean"),
+        fp_clean=("fp_clean", "mean"),
+        wm_psnr=("wm_psnr", "mean"),
+        wm_ssim=("wm_ssim", "mean"),
+        task_psnr=("task_score_attacked", "mean"),
+    )
+    return out.reset_index()

@@ -40,7 +40,10 @@ class Distill(Attack):
         p = self.params
         data = ctx.data.attacker.take(p.query_budget, seed=ctx.seed)
         teacher_logits = predict_logits(model, data.x, ctx.device)
-        spec = ctx.spec.replace(arch=p.student_arch or ctx.spec.arch)
+        # a plain student: a method's wrapper (passport layers, a barrier) is not copied
+        spec = ctx.spec.replace(
+            arch=p.student_arch or ctx.spec.arch, wrapper=None, wrapper_params=None
+        )
         student = ctx.create_model(spec)
         if p.hard_labels:
             targets, loss = teacher_logits.argmax(1), F.cross_entropy

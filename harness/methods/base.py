@@ -43,6 +43,11 @@ class Method:
         """Raise a ConfigError (field: the parameter's name) if these params cannot work on
         `dataset` (a DatasetCfg); runs at validation, before any task starts."""
 
+    def check_arch(self, arch: str, dataset) -> None:
+        """Raise a ConfigError (field: the parameter's name) if these params cannot work on
+        `arch` with `dataset` (e.g. passport layers on a stage without BatchNorm); runs at
+        validation for every arch of the scenario, before any task starts."""
+
     def aux_jobs(self, cell) -> list:
         """Extra upstream stages the embedding needs (null models, key generation, ...).
 

@@ -11,8 +11,10 @@ from typing import Any
 import pytest
 import yaml
 
+from harness.attacks import ATTACKS
 from harness.cli import main
 from harness.data import DATASETS
+from harness.methods import METHODS
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SMOKE = REPO_ROOT / "scenarios" / "smoke.yaml"
@@ -117,8 +119,8 @@ def test_run_missing_scenario_file(tmp_path: Path, capsys: pytest.CaptureFixture
 @pytest.mark.parametrize(
     ("what", "expected"),
     [
-        ("methods", ["discriminative", "none", "trigger_set"]),
-        ("attacks", ["distill", "fine_tune", "identity", "prune", "quantize"]),
+        ("methods", METHODS.list()),
+        ("attacks", ATTACKS.list()),
         (
             "datasets",
             DATASETS.list(),

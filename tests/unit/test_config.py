@@ -11,10 +11,17 @@ import pytest
 import yaml
 from pydantic import BaseModel
 
+from harness.attacks import ATTACKS
 from harness.cells import expand_cells
-from harness.config import Scenario, expand_params, load_scenario, load_yaml_with_includes
+from harness.config import (
+    Scenario,
+    expand_params,
+    load_scenario,
+    load_yaml_with_includes,
+)
 from harness.data import DATASETS
 from harness.errors import ConfigError, UnknownNameError
+from harness.methods import METHODS
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SMOKE = REPO_ROOT / "scenarios" / "smoke.yaml"
@@ -177,14 +184,14 @@ def test_unknown_arch_has_close_match(tmp_path: Path) -> None:
             "methods[1].name",
             "trigger_sett",
             "trigger_set",
-            ["discriminative", "none", "trigger_set"],
+            METHODS.list(),
         ),
         (
             {"attacks": [{"name": "prun", "params": {"sparsity": 0.3}}]},
             "attacks[0].name",
             "prun",
             "prune",
-            ["distill", "fine_tune", "identity", "prune", "quantize"],
+            ATTACKS.list(),
         ),
         (
             {"dataset": {"name": "digit"}},

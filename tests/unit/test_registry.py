@@ -99,8 +99,25 @@ def test_close_match() -> None:
 
 
 def test_project_registries_list_what_is_registered() -> None:
-    assert METHODS.list() == ["discriminative", "none", "trigger_set"]
-    assert ATTACKS.list() == ["distill", "fine_tune", "identity", "prune", "quantize"]
+    assert METHODS.list() == [
+        "discriminative",
+        "none",
+        "output_watermark",
+        "steg_passport",
+        "trigger_set",
+    ]
+    assert ATTACKS.list() == [
+        "distill",
+        "erb_ambiguity",
+        "fine_tune",
+        "forged_key",
+        "forged_user_passport",
+        "identity",
+        "prune",
+        "quantize",
+        "random_passport",
+        "surrogate",
+    ]
     assert DATASETS.list() == [
         "cifar10",
         "cifar100",

@@ -1,0 +1,369 @@
+"""Output watermarking of image-processing networks (Zhang et al., AAAI 2020 / TPAMI 2021).
+
+The owner serves M followed by a barrier H that hides a watermark image delta in every output
+(B' = H(B, delta)); a secret extractor R recovers delta from B' - and from the outputs of any
+surrogate an attacker trains on (A, B') pairs - while returning a blank image delta0 for
+unmarked images. Two-stage training:
+
+1. initial (`aux/initial`, shared by every setting of the adversarial stage): H, R and a
+   PatchGAN D jointly, L = L_emb + L_ext with
+   L_emb = l1 MSE(B', B) + l2 perceptual(B', B) + l3 adv(D(B')),
+   L_ext = l4 MSE(R(B'), delta) + l5 [MSE(R(A), delta0) + MSE(R(B), delta0)]
+           + l6 consistency (MSE between extractions of different watermarked outputs);
+   every MSE x `mse_scale` (the public code's 10,000); Adam 2e-4, beta1 0.5.
+2. adversarial (`adversarial: true`): the owner trains a surrogate on (A, B') - and, as a
+   negative, one on the unmarked (A, B) - then fine-tunes R alone on their outputs (-> delta,
+   -> delta0) beside B', A and B, Adam 1e-4.
+
+Verification queries the suspect with the test inputs, rounds its outputs to 8 bits (as a
+service returns them) and scores the share of outputs whose extraction has NC > 0.95.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from harness.cells import Job, digest
+from harness.errors import ConfigError
+from harness.image_metrics import centred_nc, nc, psnr, ssim, success_rate
+from harness.image_training import (
+    GAN_MIN_SIZE,
+    PerceptualLoss,
+    adam,
+    cosine,
+    lsgan,
+    quantised_outputs,
+    train_image_model,
+)
+from harness.methods import Method, WatermarkScore, register
+from harness.training import as_float, autocast, predict_images
+from model_zoo.image2image import (
+    Barrier,
+    Extractor,
+    PatchDiscriminator,
+    check_image2image,
+    check_image_size,
+    create_image2image,
+    unet_min_size,
+)
+
+BUILTIN_WATERMARKS = ("cameraman", "coins", "text")
+MIN_DARK_AREA = 0.4  # plain NC of a white image against a logo is sqrt(1 - dark share)
+NC_THRESHOLD = 0.95
+
+
+class OutputWatermarkParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    watermark: Literal["cameraman", "coins", "text"] = Field(
+        "cameraman", description="built-in watermark (a shipped photo, median-thresholded)"
+    )
+    watermark_path: str | None = Field(
+        None, description="a user watermark image (image_size x image_size); overrides watermark"
+    )
+    h_width: int = Field(64, ge=1, le=512, description="barrier U-Net base width")
+    h_depth: int = Field(5, ge=1, le=9, description="barrier U-Net depth (input >= 2**depth)")
+    r_width: int = Field(64, ge=1, le=512, description="extractor base width")
+    d_width: int = Field(64, ge=1, le=512, description="PatchGAN base width")
+    lambda1: float = Field(1.0, ge=0, description="MSE(B', B)")
+    lambda2: float = Field(0.0, ge=0, description="perceptual(B', B); the code's default: off")
+    lambda3: float = Field(0.01, ge=0, description="adversarial (PatchGAN) on B'")
+    lambda4: float = Field(1.0, ge=0, description="MSE(R(B'), delta)")
+    lambda5: float = Field(1.0, ge=0, description="MSE(R(A), delta0) + MSE(R(B), delta0)")
+    lambda6: float = Field(1.0, ge=0, description="consistency of extractions")
+    mse_scale: float = Field(10_000.0, gt=0, description="every MSE x this (the public code)")
+    epochs: int = Field(30, ge=1, description="initial stage epochs")
+    lr: float = Field(2e-4, gt=0)
+    batch_size: int = Field(16, ge=1)
+    adversarial: bool = Field(True, description="run the second (adversarial) stage")
+    sim_arch: str = Field("unet", description="the owner's simulated surrogate (image2image name)")
+    sim_loss: Literal["l1", "l2"] = "l2"
+    sim_epochs: int = Field(20, ge=1)
+    r_epochs: int = Field(10, ge=1, description="extractor fine-tuning epochs (stage 2)")
+    r_lr: float = Field(1e-4, gt=0)
+    sim_clean: bool = Field(
+        True, description="stage 2 also shows R a surrogate of unmarked outputs (-> delta0)"
+    )
+    detect_rate: float = Field(
+        0.5, gt=0, lt=1, description="detected iff the success rate reaches this"
+    )
+
+    @field_validator("sim_arch")
+    @classmethod
+    def _known_arch(cls, v: str) -> str:
+        check_image2image(v)
+        return v
+
+
+def _threshold_dark(grey: np.ndarray, size: int) -> torch.Tensor:
+    """A photo as a binary (1, size, size) logo: below its median -> 0 (dark), else 1."""
+    img = torch.from_numpy(grey.astype(np.float32))[None, None]
+    img = F.interpolate(img, size=(size, size), mode="bilinear", antialias=True)[0]
+    return (img > img.median()).float()
+
+
+@functools.lru_cache(maxsize=16)
+def builtin_watermark(name: str, size: int) -> torch.Tensor:
+    import skimage.data
+    from skimage.color import rgb2gray
+
+    photo = np.asarray(getattr(skimage.data, {"cameraman": "camera"}.get(name, name))())
+    return _threshold_dark(rgb2gray(photo) if photo.ndim == 3 else photo, size)
+
+
+def _user_watermark(path: str, size: int) -> torch.Tensor:
+    from PIL import Image
+
+    try:
+        with Image.open(path) as img:
+            grey = np.asarray(img.convert("L"), dtype=np.float32) / 255
+    except FileNotFoundError:
+        raise ConfigError(
+            "watermark image not found", field="watermark_path", value=path
+        ) from None
+    except OSError as e:
+        raise ConfigError(
+            f"not a readable image: {e}", field="watermark_path", value=path
+        ) from None
+    if grey.shape != (size, size):
+        raise ConfigError(
+            f"the watermark must be image_size x image_size ({size}x{size}), got "
+            f"{grey.shape[1]}x{grey.shape[0]}",
+            field="watermark_path",
+            value=path,
+            allowed=f"{size}x{size}",
+        )
+    return torch.from_numpy(grey)[None]
+
+
+def dark_area(delta: torch.Tensor) -> float:
+    return float((delta < 0.5).float().mean())
+
+
+@register("output_watermark")
+class OutputWatermark(Method):
+    Params = OutputWatermarkParams
+    wm_metric = "success_rate"
+    tasks = ("image2image",)
+
+    # ------------------------------------------------------------------ validation
+
+    def watermark(self, size: int, channels: int) -> torch.Tensor:
+        p = self.params
+        grey = _user_watermark(p.watermark_path, size) if p.watermark_path else None
+        grey = builtin_watermark(p.watermark, size) if grey is None else grey
+        if dark_area(grey) < MIN_DARK_AREA:
+            raise ConfigError(
+                f"the watermark's dark area is {dark_area(grey):.0%}, below "
+                f"{MIN_DARK_AREA:.0%}: plain NC of a blank extraction against it would be "
+                f"{(1 - dark_area(grey)) ** 0.5:.2f}, too close to the 0.95 threshold",
+                field="watermark_path" if p.watermark_path else "watermark",
+                value=p.watermark_path or p.watermark,
+            )
+        return grey.expand(channels, -1, -1).clone()
+
+    def check_data(self, dataset) -> None:
+        p, size = self.params, dataset.image_size
+        need = unet_min_size(p.h_depth)
+        if size < need or size % need:
+            raise ConfigError(
+                f"a barrier U-Net of depth {p.h_depth} needs an image size that is a multiple "
+                f"of {need}; dataset.image_size is {size}",
+                field="h_depth",
+                value=p.h_depth,
+                allowed=[d for d in range(1, 10) if size % unet_min_size(d) == 0],
+            )
+        if p.lambda3 > 0 and size < GAN_MIN_SIZE:
+            raise ConfigError(
+                f"the PatchGAN needs images of at least {GAN_MIN_SIZE} px (image_size {size})",
+                field="lambda3",
+                value=p.lambda3,
+                allowed="0 (no adversarial loss) or a larger dataset.image_size",
+            )
+        self.watermark(size, dataset.channels)
+        if p.adversarial:
+            try:
+                check_image_size(p.sim_arch, size, dataset.channels)
+            except ConfigError as e:
+                raise e.with_location(None, "sim_arch") from None
+
+    # ------------------------------------------------------------------ stages
+
+    def aux_jobs(self, cell) -> list[Job]:
+        """Stage 1 depends on the victim and the stage-1 params only: the with / without
+        adversarial-stage rows of a grid share it."""
+        stage1 = self.params.model_dump(
+            mode="json",
+            exclude={"adversarial", "sim_arch", "sim_loss", "sim_epochs", "r_epochs", "r_lr",
+                     "sim_clean", "detect_rate"},
+        )
+        victim = cell.victim_job()
+        key = digest(["ow_initial", self.version, victim.key, stage1])
+        return [Job("aux/initial", key, cell, (victim,), "embed")]
+
+    def run_aux(self, step, cell, ctx, artifacts, key, deps):
+        p, data = self.params, ctx.data
+        victim, spec = artifacts.load_model(deps[0], ctx.device)
+        delta = self.watermark(data.image_size, data.channels)
+        wrap = {"width": p.h_width, "depth": p.h_depth}
+        spec = spec.replace(wrapper="barrier", wrapper_params=wrap)
+        marked = Barrier(victim, data.channels, data.image_size, p.h_width, p.h_depth)
+        marked.delta.copy_(delta[None])
+        marked.to(ctx.device)
+        extractor = Extractor(data.channels, data.channels, p.r_width).to(ctx.device)
+        stats = self._initial(marked, extractor, ctx)
+        secret = {"extractor": extractor.state_dict(), "delta": delta, "r_width": p.r_width}
+        meta = {"spec": spec.to_dict(), "train": stats}
+        return artifacts.save(f"aux/{step}", key, meta, model=marked, secret=secret)
+
+    def embed(self, victim, ctx, deps, artifacts):
+        initial = deps[-1]
+        marked, spec = artifacts.load_model(initial, ctx.device)
+        secret = artifacts.load_secret("aux/initial", initial["key"])
+        if self.params.adversarial:
+            extractor = self._extractor(secret, ctx.device)
+            self._adversarial(marked, extractor, ctx)
+            secret = {**secret, "extractor": extractor.state_dict()}
+        return marked, secret, spec
+
+    # ------------------------------------------------------------------ training
+
+    def _initial(self, marked: Barrier, extractor: Extractor, ctx) -> dict[str, float]:
+        p, dev = self.params, ctx.device
+        owner = ctx.data.owner
+        b_all = quantised_outputs(marked.base, owner.x, dev)  # M's outputs: what H watermarks
+        marked.base.requires_grad_(False).eval()
+        delta = marked.delta
+        delta0 = torch.ones_like(delta)
+        disc = PatchDiscriminator(delta.shape[1], p.d_width).to(dev) if p.lambda3 > 0 else None
+        perceptual = PerceptualLoss(delta.shape[1]).to(dev) if p.lambda2 > 0 else None
+        opt = adam([*marked.barrier.parameters(), *extractor.parameters()], p.lr)
+        opt_d = adam(disc.parameters(), p.lr) if disc is not None else None
+        sched = cosine(opt, p.epochs * -(-len(owner) // p.batch_size))
+        mse = lambda a, b: p.mse_scale * F.mse_loss(a, b)  # noqa: E731
+        gen = torch.Generator().manual_seed(ctx.seed)
+        n, bs = len(b_all), p.batch_size
+        marked.barrier.train(), extractor.train()
+        for _ in range(p.epochs):
+            order = torch.randperm(n, generator=gen)
+            for i in range(0, n, bs):
+                idx = order[i : i + bs]
+                a, b = as_float(owner.x[idx], dev), as_float(b_all[idx], dev)
+                with autocast(dev, ctx.train.amp):
+                    marked_b = marked.hide(b).float()
+                    loss = p.lambda1 * mse(marked_b, b)
+                    if perceptual is not None:
+                        loss = loss + p.lambda2 * perceptual(marked_b, b)
+                    if disc is not None:
+                        loss = loss + p.lambda3 * lsgan(disc(marked_b).float(), True)
+                    ext = extractor(marked_b).float()
+                    target = delta.expand_as(ext)
+                    loss = loss + p.lambda4 * mse(ext, target)
+                    blank = delta0.expand(2 * len(idx), -1, -1, -1)
+                    loss = loss + p.lambda5 * mse(extractor(torch.cat([a, b])).float(), blank)
+                    if len(idx) > 1:
+                        loss = loss + p.lambda6 * mse(ext, ext.roll(1, dims=0))
+                _check(loss)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                sched.step()
+                if disc is not None:
+                    with autocast(dev, ctx.train.amp):
+                        real, fake = disc(b).float(), disc(marked_b.detach()).float()
+                        d_loss = lsgan(real, True) + lsgan(fake, False)
+                    opt_d.zero_grad(set_to_none=True)
+                    d_loss.backward()
+                    opt_d.step()
+        marked.eval(), extractor.eval()
+        return {"loss": float(loss.item())}
+
+    def _adversarial(self, marked: Barrier, extractor: Extractor, ctx) -> None:
+        """Simulate the attacker on the owner's data; fine-tune R alone on what it learns."""
+        p, dev, owner = self.params, ctx.device, ctx.data.owner
+        channels = owner.x.shape[1]
+        marked_b = quantised_outputs(marked, owner.x, dev)
+        clean_b = quantised_outputs(marked.base, owner.x, dev)
+        train = functools.partial(
+            train_image_model, loss=p.sim_loss, epochs=p.sim_epochs, lr=p.lr,
+            batch_size=p.batch_size, device=dev, seed=ctx.seed + 1, amp=ctx.train.amp,
+        )  # fmt: skip
+        sim = create_image2image(p.sim_arch, channels, channels).to(dev)
+        train(sim, owner.x, marked_b)
+        positives = [marked_b, quantised_outputs(sim, owner.x, dev)]
+        negatives = [owner.x, clean_b]
+        if p.sim_clean:
+            sim_clean = create_image2image(p.sim_arch, channels, channels).to(dev)
+            train(sim_clean, owner.x, clean_b)
+            negatives.append(quantised_outputs(sim_clean, owner.x, dev))
+        x = torch.cat(positives + negatives)
+        is_marked = torch.cat([torch.ones(len(t)) for t in positives]
+                              + [torch.zeros(len(t)) for t in negatives])  # fmt: skip
+        delta, delta0 = marked.delta, torch.ones_like(marked.delta)
+        opt = adam(extractor.parameters(), p.r_lr)
+        sched = cosine(opt, p.r_epochs * -(-len(x) // p.batch_size))
+        gen = torch.Generator().manual_seed(ctx.seed + 2)
+        extractor.train()
+        for _ in range(p.r_epochs):
+            order = torch.randperm(len(x), generator=gen)
+            for i in range(0, len(x), p.batch_size):
+                idx = order[i : i + p.batch_size]
+                pos = is_marked[idx].to(dev).view(-1, 1, 1, 1)
+                target = pos * delta + (1 - pos) * delta0
+                with autocast(dev, ctx.train.amp):
+                    out = extractor(as_float(x[idx], dev)).float()
+                    loss = p.mse_scale * F.mse_loss(out, target)
+                _check(loss)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                sched.step()
+        extractor.eval()
+
+    # ------------------------------------------------------------------ verification
+
+    @staticmethod
+    def _extractor(secret: dict, device) -> Extractor:
+        channels = secret["delta"].shape[0]
+        extractor = Extractor(channels, channels, secret["r_width"])
+        extractor.load_state_dict(secret["extractor"])
+        return extractor.to(device).eval()
+
+    def verify(self, model, key, ctx) -> WatermarkScore:
+        test = ctx.data.test
+        extractor = self._extractor(key, ctx.device)
+        delta = key["delta"][None]
+        outputs = quantised_outputs(model, test.x, ctx.device)
+        ext = predict_images(extractor, outputs, ctx.device)
+        nc_values = nc(ext, delta.expand_as(ext))
+        rate = success_rate(nc_values, NC_THRESHOLD)
+        clean = torch.cat([test.x, test.y])  # unprocessed inputs and ground-truth images
+        clean_ext = predict_images(extractor, clean, ctx.device)
+        metrics = {
+            "nc": nc_values.mean().item(),
+            "centred_nc": centred_nc(ext, delta.expand_as(ext)).mean().item(),
+            "fp_clean": success_rate(nc(clean_ext, delta.expand_as(clean_ext)), NC_THRESHOLD),
+            "nc_clean": nc(clean_ext, delta.expand_as(clean_ext)).mean().item(),
+        }
+        if isinstance(model, Barrier):  # invisibility: B' against M's own output B
+            unmarked = as_float(quantised_outputs(model.base, test.x, ctx.device))
+            served = as_float(outputs)
+            metrics["wm_psnr"] = psnr(served, unmarked).mean().item()
+            metrics["wm_ssim"] = ssim(served, unmarked).mean().item()
+        threshold = self.params.detect_rate
+        return WatermarkScore(
+            score=rate, detected=rate >= threshold, threshold=threshold, metrics=metrics
+        )
+
+
+def _check(loss: torch.Tensor) -> None:
+    from harness.errors import CellFailed
+
+    if not torch.isfinite(loss):
+        raise CellFailed(f"non-finite loss ({loss.item()})")
+
