@@ -25,6 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from harness.attacks import Attack, register
 from harness.data import photo_patches
+from harness.methods.steg_passport import to_uint8
 from harness.training import _shift, as_float, autocast
 from model_zoo.passport import (
     Mode,
@@ -50,10 +51,6 @@ def _forged_images(kind: str, channels: int, size: int, seed: int) -> torch.Tens
         return torch.rand(2, channels, size, size, generator=g)
     x = photo_patches(2, size, seed + 7777)
     return x.mean(1, keepdim=True) if channels == 1 else x
-
-
-def _to_uint8(x: torch.Tensor) -> torch.Tensor:
-    return torch.round(x.detach().float().clamp(0, 1) * 255).to(torch.uint8).cpu()
 
 
 def _install(model, images: torch.Tensor, grad: bool = False) -> None:
@@ -82,7 +79,7 @@ class RandomPassport(Attack):
         _require_passports(model)
         spec = ctx.spec
         images = _forged_images(self.params.init, spec.in_chans, spec.img_size, ctx.seed)
-        images = _to_uint8(images)
+        images = to_uint8(images)
         _install(model, images.float() / 255)
         evidence = {
             "kind": "forged_passport",
@@ -147,7 +144,7 @@ class ErbAmbiguity(Attack):
                 opt.step()
         for q in model.parameters():
             q.requires_grad_(True)
-        images = _to_uint8(torch.sigmoid(logits))
+        images = to_uint8(torch.sigmoid(logits))
         _install(model, images.float() / 255)
         wrapper = {**(spec.wrapper_params or {}), "residual_tlp": True}
         evidence = {
@@ -220,7 +217,7 @@ class ForgedUserPassport(Attack):
         evidence = {
             "kind": "forged_user_passport",
             "passport": forged[0].cpu(),
-            "forged_id": _to_uint8(forged_id[0]),
+            "forged_id": to_uint8(forged_id[0]),
             "user": p.user,
         }
         return model, ctx.spec, evidence
