@@ -120,7 +120,7 @@ def _show(
     fmt: str = "table",
 ) -> None:
     from results import load
-    from results.analysis import discriminability, output_watermarking, summary
+    from results.analysis import discriminability, output_watermarking, passports, summary
     from results.report import markdown, render
 
     df = load(store)
@@ -134,6 +134,9 @@ def _show(
     outputs = output_watermarking(df)
     if not outputs.empty:
         tables.append(("output watermarking (success = share of outputs with NC > 0.95)", outputs))
+    passport = passports(df)
+    if not passport.empty:
+        tables.append(("steganographic passport (detection = share of matching signs)", passport))
     for name, table in tables:
         if fmt == "markdown":
             print(f"\n**{name}**\n\n{markdown(table)}")

@@ -132,3 +132,30 @@ def output_watermarking(df: pd.DataFrame) -> pd.DataFrame:
         task_psnr=("task_score_attacked", "mean"),
     )
     return out.reset_index()
+
+
+PASSPORT_METRICS = (
+    "acc_dep", "acc_ver", "acc_gap", "forged_detection", "forged_detection_owner_bits",
+    "forged_acc_ver", "reveal_psnr", "reveal_key_gap_db", "forged_reveal_psnr",
+    "forged_key_reveal_psnr",
+)  # fmt: skip
+
+
+def passports(df: pd.DataFrame) -> pd.DataFrame:
+    """Steganographic Passport per arch and attack: the owner's signature detection, both
+    branches' accuracy and their gap, what a forged passport scores against its own hash's bits
+    (and against the owner's), and the licence check (reveal PSNR with the genuine key, its
+    margin over wrong keys, and what forged licences / keys reveal)."""
+    d = df[(df["status"] == "ok") & (df["wm_metric"] == "signature_detection")]
+    if d.empty:
+        return pd.DataFrame()
+    d = d.assign(
+        attack=label(d, "attack", "attack_params"),
+        detected=d["wm_detected"].astype(float),
+        **{m: _metric(d, m) for m in PASSPORT_METRICS},
+    )
+    aggs = {m: (m, "mean") for m in PASSPORT_METRICS}
+    out = d.groupby(["arch", "attack"]).agg(
+        detection=("wm_score_attacked", "mean"), detected=("detected", "mean"), **aggs
+    )
+    return out.dropna(axis=1, how="all").reset_index()
