@@ -229,3 +229,15 @@ def test_archs_without_a_usable_passport_stage_are_refused(arch: str, message: s
 def test_attacks_target_passport_models_only():
     for name in ("erb_ambiguity", "random_passport", "forged_user_passport", "forged_key"):
         assert ATTACKS.get(name).methods == ("steg_passport",)
+
+
+def test_passport_table_summarises_the_stored_rows(store):
+    from results import load
+    from results.analysis import passports
+
+    for attack in ("identity", "random_passport"):
+        run_cell(_cell(attack), store)
+    table = passports(load(store)).set_index("attack")
+    assert table.loc["identity", "detection"] >= 0.9 and table.loc["identity", "detected"] == 1
+    assert table.loc["random_passport", "forged_detection"] <= 0.65
+    assert {"acc_dep", "acc_ver", "acc_gap", "reveal_psnr"} <= set(table.columns)
