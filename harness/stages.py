@@ -69,9 +69,7 @@ def stage(name: str) -> Callable:
     return decorate
 
 
-def _context(
-    cell: Cell, device: str, spec: ModelSpec | None = None, **extra: Any
-) -> Context:
+def _context(cell: Cell, device: str, spec: ModelSpec | None = None, **extra: Any) -> Context:
     dataset = DatasetCfg(**cell.dataset)
     data = load_splits(dataset)
     spec = spec or ModelSpec(cell.arch, data.num_classes, data.channels, data.image_size)
@@ -110,6 +108,12 @@ def embed(
         "spec": spec.to_dict(),
         "task_score": task_score(marked, ctx.data.test, device),
         "wm": asdict(score),
+        # a method's own stages computed for this embedding (ISN, stage-1 training, keys)
+        "aux_seconds": {
+            d["stage"]: d["seconds"]
+            for d in deps
+            if d.get("stage", "").startswith("aux/") and "seconds" in d
+        },
     }
     if marked is model and not _changed(victim, marked, artifacts):
         return artifacts.save(
@@ -171,6 +175,8 @@ def verify(
         for m in (victim, marked, attacked)
         if "stage" in m and "seconds" in m
     }
+    if "embed" in seconds:  # the aux stages it waited for, when this run computed them
+        seconds.update(marked.get("aux_seconds", {}))
     seconds["verify"] = time.perf_counter() - start
     row.update(stage_seconds=seconds, duration_s=sum(seconds.values()))
     if c.trial is not None:  # a `harness tune` trial's cells carry its number

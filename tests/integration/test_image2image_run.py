@@ -49,6 +49,8 @@ def test_output_watermark_grid_runs_on_ray(ray_session, tmp_path):
     assert len(list((artifacts / "aux" / "initial").iterdir())) == 1
     assert len(list((artifacts / "embed").iterdir())) == 2
     assert len(list((artifacts / "train_victim").iterdir())) == 1
+    # rows that computed the embedding also carry the aux stage's time
+    assert any("aux/initial" in s for s in df["stage_seconds"])
     table = output_watermarking(df)
     assert len(table) == 8 and set(table["outputs"]) == {"marked", "unmarked"}
     assert table["wm_psnr"].notna().all() and table["fp_clean"].between(0, 1).all()
