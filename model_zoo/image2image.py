@@ -378,9 +378,9 @@ def check_image_size(name: str, size: int, channels: int = 3) -> None:
             net(torch.zeros(1, channels, size, size))
     except (ValueError, RuntimeError) as e:
         raise ConfigError(
-            f"{name!r} cannot take {size}x{size} images: {e}",
+            f"{name!r} cannot take {size}x{size} images ({e}); change dataset.image_size or "
+            "the network",
             value=name,
-            hint="change dataset.image_size or the network (unet_min_size(depth) = 2**depth)",
         ) from None
 
 
