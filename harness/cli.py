@@ -159,12 +159,14 @@ def cmd_list(args) -> int:
     from harness.data import DATASETS
     from harness.methods import METHODS
     from model_zoo import list_archs
+    from model_zoo.image2image import list_image2image
 
     names = {
         "methods": METHODS.list,
         "attacks": ATTACKS.list,
         "datasets": DATASETS.list,
         "archs": list_archs,
+        "image2image": list_image2image,
     }[args.what]()
     print("\n".join(n for n in names if fnmatch.fnmatch(n, args.filter)))
     return 0
@@ -267,7 +269,9 @@ def build_parser() -> argparse.ArgumentParser:
     val.add_argument("scenario")
     val.set_defaults(fn=cmd_validate)
     lst = sub.add_parser("list", help="registered names")
-    lst.add_argument("what", choices=["methods", "attacks", "archs", "datasets"])
+    lst.add_argument(
+        "what", choices=["methods", "attacks", "archs", "image2image", "datasets"]
+    )
     lst.add_argument("--filter", default="*", help="glob, e.g. 'resnet*'")
     lst.set_defaults(fn=cmd_list)
     show = sub.add_parser("show", help="method x attack table of a store")

@@ -125,6 +125,8 @@ def test_run_missing_scenario_file(tmp_path: Path, capsys: pytest.CaptureFixture
             "datasets",
             DATASETS.list(),
         ),
+        ("image2image", ["cnet", "resnet16", "resnet9", "unet", "timm_unet:<timm", "name>",
+                         "<any", "of", "these>@<width>"]),
     ],
 )
 def test_list_registries(capsys: pytest.CaptureFixture, what: str, expected: list[str]) -> None:
