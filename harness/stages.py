@@ -26,8 +26,15 @@ from harness.config import DatasetCfg, TrainCfg
 from harness.context import Context
 from harness.data import load_splits
 from harness.errors import TransientError
+from harness.image_metrics import SSIM_WINDOW
 from harness.methods import create_method
-from harness.training import TASK_METRIC, seed_everything, task_score, train_task_model
+from harness.training import (
+    TASK_METRIC,
+    mean_ssim,
+    seed_everything,
+    task_score,
+    train_task_model,
+)
 from model_zoo import ModelSpec
 
 # WRT: a removal counts only if the task score drops by less than this (accuracy: 5 points;
@@ -229,6 +236,8 @@ def _measure(c: Cell, store: str, device: str, victim: dict, marked: dict, attac
     }
     metrics = dict(score.metrics)  # of the attacked model; `_marked`: of the model before it
     metrics.update({f"{k}_marked": v for k, v in marked["wm"]["metrics"].items()})
+    if ctx.task == "image2image" and min(ctx.data.test.x.shape[-2:]) >= SSIM_WINDOW:
+        metrics["task_ssim_attacked"] = mean_ssim(model, ctx.data.test, device)
     if method.wm_metric:
         drop = out["task_score_marked"] - out["task_score_attacked"]
         removed = (

@@ -151,6 +151,13 @@ def mean_psnr(model: nn.Module, data: Split, device) -> float:
     return values[values.isfinite()].mean().item()
 
 
+def mean_ssim(model: nn.Module, data: Split, device) -> float:
+    """The image task's second figure: mean SSIM of the outputs against the targets."""
+    from harness.image_metrics import ssim
+
+    return ssim(predict_images(model, data.x, device), as_float(data.y)).mean().item()
+
+
 def task_score(model: nn.Module, data: Split, device) -> float:
     """The task metric of `TASK_METRIC`: accuracy on labels, mean PSNR (dB) on image pairs."""
     return mean_psnr(model, data, device) if is_image2image(data) else accuracy(model, data, device)

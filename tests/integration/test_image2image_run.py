@@ -43,6 +43,7 @@ def test_output_watermark_grid_runs_on_ray(ray_session, tmp_path):
     assert (df["status"] == "ok").all(), df["error"].tolist()
     assert set(df["task_metric"]) == {"psnr"} and set(df["wm_metric"]) == {"success_rate"}
     assert df["task_score_clean"].between(5, 60).all()
+    assert all(0 < m["task_ssim_attacked"] <= 1 for m in df["metrics"])
     assert df["wm_score_attacked"].between(0, 1).all()
     # stage 1 is shared by the with / without adversarial-stage settings; one victim
     artifacts = Path(tmp_path, "artifacts")
