@@ -101,12 +101,14 @@ class ArtifactStore:
     def load_meta(self, stage: str, key: str) -> dict[str, Any]:
         return json.loads(read_bytes(self.fs, self.path(stage, key, "meta.json")))
 
+    def load_state(self, meta: dict[str, Any]) -> dict[str, Any]:
+        """The stored weights (a state dict) that a stage's meta points to."""
+        return _from_bytes(read_bytes(self.fs, self.path(*meta["model_ref"], "model.pt")))
+
     def load_model(self, meta: dict[str, Any], device: str = "cpu") -> tuple[nn.Module, ModelSpec]:
         spec = ModelSpec(**meta["spec"])
         model = create_model(spec)
-        model.load_state_dict(
-            _from_bytes(read_bytes(self.fs, self.path(*meta["model_ref"], "model.pt")))
-        )
+        model.load_state_dict(self.load_state(meta))
         return model.to(device).eval(), spec
 
     def load_secret(self, stage: str, key: str) -> dict[str, Any]:

@@ -347,14 +347,15 @@ def check_scenario(scenario: Scenario, file: str | None = None) -> None:
 
 def check_component(comp: ComponentCfg, registry, field: str, file: str | None, scenario) -> None:
     """The plug-in handles the data set's task, and each grid point suits the data
-    (`check_data`: e.g. a U-Net depth the image size allows) and, for methods, every arch
-    (`check_arch`: e.g. passport layers need BatchNorm) - before any task starts."""
+    (`check_data`: e.g. a U-Net depth the image size allows) and every arch (`check_arch`:
+    e.g. passport layers need BatchNorm) - before any task starts."""
     from harness import data
 
     dataset = scenario.dataset
     task = data.task_of(dataset.name)
-    cls = registry.get(comp.name) if comp.name in registry else None
-    if cls is not None and task not in cls.tasks:
+    grid = resolve_component(comp, registry, field, file)  # an unknown name fails here
+    cls = registry.get(comp.name)
+    if task not in cls.tasks:
         raise ConfigError(
             f"{registry.kind} {comp.name!r} does not apply to {task} data ({dataset.name})",
             file=file,
@@ -362,11 +363,11 @@ def check_component(comp: ComponentCfg, registry, field: str, file: str | None, 
             value=comp.name,
             allowed=[n for n in registry.list() if task in registry.get(n).tasks],
         )
-    for params in resolve_component(comp, registry, field, file):
+    for params in grid:
         try:
             plugin = cls(params)
             plugin.check_data(dataset)
-            for arch in scenario.archs if hasattr(plugin, "check_arch") else ():
+            for arch in scenario.archs:
                 plugin.check_arch(arch, dataset)
         except ConfigError as e:
             raise e.with_location(file, f"{field}.params") from None

@@ -216,7 +216,7 @@ def photo_sources() -> tuple[tuple[str, np.ndarray], ...]:
     return tuple(photos)
 
 
-def _random_patch(photo: np.ndarray, size: int, g: torch.Generator) -> torch.Tensor:
+def random_patch(photo: np.ndarray, size: int, g: torch.Generator) -> torch.Tensor:
     """A seeded square crop at a random scale, resized (antialiased) to float (3, size, size).
 
     The crop is copied in numpy: thousands of tiny torch copies stall on thread wake-ups.
@@ -244,7 +244,7 @@ def photo_patches(n: int, size: int, seed: int) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     photos = [photo for _, photo in photo_sources()]
     which = (torch.arange(n) % len(photos))[torch.randperm(n, generator=g)]
-    return torch.stack([_random_patch(photos[k], size, g) for k in which.tolist()])
+    return torch.stack([random_patch(photos[k], size, g) for k in which.tolist()])
 
 
 def _gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:

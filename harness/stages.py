@@ -26,11 +26,10 @@ from harness.config import DatasetCfg, TrainCfg
 from harness.context import Context
 from harness.data import load_splits
 from harness.errors import TransientError
-from harness.image_metrics import SSIM_WINDOW
 from harness.methods import create_method
 from harness.training import (
     TASK_METRIC,
-    mean_ssim,
+    image_scores,
     seed_everything,
     task_score,
     train_task_model,
@@ -224,10 +223,11 @@ def _measure(c: Cell, store: str, device: str, victim: dict, marked: dict, attac
     secret = artifacts.load_secret("embed", marked["key"]) if method.wm_metric else {}
     score = method.verify(model, secret, ctx)
     ctx_metric = TASK_METRIC[ctx.task]
+    image = image_scores(model, ctx.data.test, device) if ctx.task == "image2image" else {}
     out = {
         "task_score_clean": victim["task_score"],
         "task_score_marked": marked["task_score"],
-        "task_score_attacked": task_score(model, ctx.data.test, device),
+        "task_score_attacked": image["psnr"] if image else task_score(model, ctx.data.test, device),
         "wm_metric": method.wm_metric,
         "wm_score_marked": marked["wm"]["score"],
         "wm_score_attacked": score.score,
@@ -236,8 +236,8 @@ def _measure(c: Cell, store: str, device: str, victim: dict, marked: dict, attac
     }
     metrics = dict(score.metrics)  # of the attacked model; `_marked`: of the model before it
     metrics.update({f"{k}_marked": v for k, v in marked["wm"]["metrics"].items()})
-    if ctx.task == "image2image" and min(ctx.data.test.x.shape[-2:]) >= SSIM_WINDOW:
-        metrics["task_ssim_attacked"] = mean_ssim(model, ctx.data.test, device)
+    if "ssim" in image:
+        metrics["task_ssim_attacked"] = image["ssim"]
     if method.wm_metric:
         drop = out["task_score_marked"] - out["task_score_attacked"]
         removed = (

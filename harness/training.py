@@ -48,7 +48,7 @@ def prepare(model: nn.Module, device: torch.device | str) -> nn.Module:
     return model
 
 
-def _shift(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+def random_shift(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """Random translation by up to 1/8 of the side (reflect-padded crop), one offset per batch."""
     pad = max(1, x.shape[-1] // 8)
     i, j = torch.randint(0, 2 * pad + 1, (2,), generator=generator).tolist()
@@ -90,7 +90,7 @@ def fit(
             idx = order[step * cfg.batch_size : (step + 1) * cfg.batch_size]
             xb, tb = as_float(x[idx], device), targets[idx].to(device, non_blocking=True)
             if cfg.augment:
-                xb = _shift(xb, gen)
+                xb = random_shift(xb, gen)
             with autocast(device, cfg.amp):
                 loss = loss_fn(model(xb).float(), tb)
             if not torch.isfinite(loss):
@@ -144,23 +144,24 @@ def predict_images(model: nn.Module, x: torch.Tensor, device, batch_size: int = 
     return predict_logits(model, x, device, batch_size).clamp(0, 1)
 
 
-def mean_psnr(model: nn.Module, data: Split, device) -> float:
-    from harness.image_metrics import psnr
+def image_scores(model: nn.Module, data: Split, device) -> dict[str, float]:
+    """Mean PSNR (dB) and, on images the SSIM window fits, mean SSIM of the outputs against
+    the targets, from one pass over the data."""
+    from harness.image_metrics import SSIM_WINDOW, psnr, ssim
 
-    values = psnr(predict_images(model, data.x, device), as_float(data.y))
-    return values[values.isfinite()].mean().item()
-
-
-def mean_ssim(model: nn.Module, data: Split, device) -> float:
-    """The image task's second figure: mean SSIM of the outputs against the targets."""
-    from harness.image_metrics import ssim
-
-    return ssim(predict_images(model, data.x, device), as_float(data.y)).mean().item()
+    out, target = predict_images(model, data.x, device), as_float(data.y)
+    values = psnr(out, target)
+    scores = {"psnr": values[values.isfinite()].mean().item()}
+    if min(out.shape[-2:]) >= SSIM_WINDOW:
+        scores["ssim"] = ssim(out, target).mean().item()
+    return scores
 
 
 def task_score(model: nn.Module, data: Split, device) -> float:
     """The task metric of `TASK_METRIC`: accuracy on labels, mean PSNR (dB) on image pairs."""
-    return mean_psnr(model, data, device) if is_image2image(data) else accuracy(model, data, device)
+    if is_image2image(data):
+        return image_scores(model, data, device)["psnr"]
+    return accuracy(model, data, device)
 
 
 TASK_METRIC = {"classification": "accuracy", "image2image": "psnr"}

@@ -367,6 +367,7 @@ def check_image2image(name: str) -> None:
         )
 
 
+@functools.lru_cache(maxsize=64)  # a grid names the same network many times
 def check_image_size(name: str, size: int, channels: int = 3) -> None:
     """Fail early where a network cannot take `size` x `size` images (a U-Net's depth, a
     stride schedule): one eval-mode forward of a blank image, before any task starts."""

@@ -27,6 +27,9 @@ class Attack:
         """Raise a ConfigError (field: the parameter's name) if these params cannot work on
         `dataset` (a DatasetCfg); runs at validation, before any task starts."""
 
+    def check_arch(self, arch: str, dataset) -> None:
+        """As `check_data`, for each arch of the scenario (the victim the attack receives)."""
+
     def apply(
         self, model: nn.Module, ctx: Context
     ) -> tuple[nn.Module, ModelSpec] | tuple[nn.Module, ModelSpec, dict[str, Any]]:

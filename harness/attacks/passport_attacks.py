@@ -26,7 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from harness.attacks import Attack, register
 from harness.data import photo_patches
 from harness.methods.steg_passport import to_uint8
-from harness.training import _shift, as_float, autocast
+from harness.training import as_float, autocast, random_shift
 from model_zoo.passport import (
     Mode,
     add_residual_tlp,
@@ -132,7 +132,7 @@ class ErbAmbiguity(Attack):
                 idx = order[i : i + bs]
                 xb, yb = as_float(data.x[idx], device), data.y[idx].to(device)
                 if ctx.train.augment:
-                    xb = _shift(xb, gen)
+                    xb = random_shift(xb, gen)
                 _install(model, torch.sigmoid(logits), grad=True)
                 model.eval()  # statistics stay the stolen model's; only the forgery learns
                 set_mode(model, Mode.VERIFICATION)

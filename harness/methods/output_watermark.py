@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from harness.cells import Job, digest
-from harness.errors import ConfigError
+from harness.errors import CellFailed, ConfigError
 from harness.image_metrics import centred_nc, nc, psnr, ssim, success_rate
 from harness.image_training import (
     GAN_MIN_SIZE,
@@ -56,6 +56,11 @@ from model_zoo.image2image import (
 BUILTIN_WATERMARKS = ("cameraman", "coins", "text")
 MIN_DARK_AREA = 0.4  # plain NC of a white image against a logo is sqrt(1 - dark share)
 NC_THRESHOLD = 0.95
+# Parameters of the adversarial stage and of verification: stage 1 does not depend on them.
+STAGE2_PARAMS = {
+    "adversarial", "sim_arch", "sim_loss", "sim_epochs", "r_epochs", "r_lr", "sim_clean",
+    "detect_rate",
+}  # fmt: skip
 
 
 class OutputWatermarkParams(BaseModel):
@@ -197,11 +202,7 @@ class OutputWatermark(Method):
     def aux_jobs(self, cell) -> list[Job]:
         """Stage 1 depends on the victim and the stage-1 params only: the with / without
         adversarial-stage rows of a grid share it."""
-        stage1 = self.params.model_dump(
-            mode="json",
-            exclude={"adversarial", "sim_arch", "sim_loss", "sim_epochs", "r_epochs", "r_lr",
-                     "sim_clean", "detect_rate"},
-        )
+        stage1 = self.params.model_dump(mode="json", exclude=STAGE2_PARAMS)
         victim = cell.victim_job()
         key = digest(["ow_initial", self.version, victim.key, stage1])
         return [Job("aux/initial", key, cell, (victim,), "embed")]
@@ -245,10 +246,14 @@ class OutputWatermark(Method):
         opt = adam([*marked.barrier.parameters(), *extractor.parameters()], p.lr)
         opt_d = adam(disc.parameters(), p.lr) if disc is not None else None
         sched = cosine(opt, p.epochs * -(-len(owner) // p.batch_size))
-        mse = lambda a, b: p.mse_scale * F.mse_loss(a, b)  # noqa: E731
+
+        def mse(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+            return p.mse_scale * F.mse_loss(a, b)
+
         gen = torch.Generator().manual_seed(ctx.seed)
         n, bs = len(b_all), p.batch_size
-        marked.barrier.train(), extractor.train()
+        marked.barrier.train()
+        extractor.train()
         for _ in range(p.epochs):
             order = torch.randperm(n, generator=gen)
             for i in range(0, n, bs):
@@ -280,7 +285,8 @@ class OutputWatermark(Method):
                     opt_d.zero_grad(set_to_none=True)
                     d_loss.backward()
                     opt_d.step()
-        marked.eval(), extractor.eval()
+        marked.eval()
+        extractor.eval()
         return {"loss": float(loss.item())}
 
     def _adversarial(self, marked: Barrier, extractor: Extractor, ctx) -> None:
@@ -362,8 +368,6 @@ class OutputWatermark(Method):
 
 
 def _check(loss: torch.Tensor) -> None:
-    from harness.errors import CellFailed
-
     if not torch.isfinite(loss):
         raise CellFailed(f"non-finite loss ({loss.item()})")
 

@@ -43,11 +43,11 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from harness.cells import Job, digest
-from harness.data import IMAGE_SUFFIXES, _random_patch, photo_patches, photo_sources
+from harness.data import IMAGE_SUFFIXES, photo_patches, photo_sources, random_patch
 from harness.errors import ConfigError
 from harness.image_metrics import psnr, ssim
 from harness.methods import Method, WatermarkScore, register
-from harness.training import _shift, as_float, autocast, predict_logits
+from harness.training import as_float, autocast, predict_logits, random_shift
 from model_zoo.isn import ISN, isn_loss
 from model_zoo.passport import (
     Mode,
@@ -182,7 +182,7 @@ def owner_key(size: int, channels: int, seed: int) -> torch.Tensor:
     photos = dict(photo_sources())
     names = [n for n in KEY_TEXTURES if n in photos] or sorted(photos)
     g = torch.Generator().manual_seed(seed + 2000)
-    patch = _random_patch(photos[names[seed % len(names)]], size, g)[None]
+    patch = random_patch(photos[names[seed % len(names)]], size, g)[None]
     return uint8_float(to_uint8(_channels(patch, channels)))
 
 
@@ -250,11 +250,8 @@ def train_isn(
 
 def load_isn(artifacts, ref: dict) -> ISN:
     """The ISN an `aux/isn` meta (or the `isn` entry of a secret) points to, on the CPU."""
-    from harness.artifacts import _from_bytes, read_bytes
-
     isn = ISN(ref["isn"]["blocks"], ref["isn"]["channels"], ref["isn"]["growth"])
-    state = _from_bytes(read_bytes(artifacts.fs, artifacts.path(*ref["model_ref"], "model.pt")))
-    isn.load_state_dict(state)
+    isn.load_state_dict(artifacts.load_state(ref))
     return isn.eval()
 
 
@@ -340,7 +337,7 @@ def train_two_branch(
             idx = order[step * cfg.batch_size : (step + 1) * cfg.batch_size]
             xb, yb = as_float(data.x[idx], device), data.y[idx].to(device)
             if cfg.augment:
-                xb = _shift(xb, gen)
+                xb = random_shift(xb, gen)
             install(model, images[0], images[1])
             model.train()
             with autocast(device, cfg.amp):
