@@ -105,15 +105,20 @@ def load_synthetic(cfg) -> RawData:
     return RawData(_to_uint8(x, cfg.image_size, cfg.channels), y.long(), cfg.num_classes)
 
 
+DOWNLOADABLE = ("cifar10", "cifar100")  # torchvision can fetch these; folders it cannot
+
+
 def _require_root(cfg) -> Path:
     if cfg.root is None:
         raise ConfigError(
             f"dataset {cfg.name!r} needs a root folder", field="dataset.root", value=None
         )
     root = Path(cfg.root).expanduser()
-    if not root.exists() and not cfg.download:
+    if not root.exists() and not (cfg.download and cfg.name in DOWNLOADABLE):
+        downloadable = cfg.name in DOWNLOADABLE
+        fetch = " (set dataset.download: true to fetch it there)" if downloadable else ""
         raise ConfigError(
-            "dataset root does not exist (set dataset.download: true to fetch it there)",
+            f"dataset root does not exist{fetch}",
             field="dataset.root",
             value=str(root),
         )
