@@ -10,49 +10,13 @@ from __future__ import annotations
 
 import io
 import json
-import os
-import uuid
 from typing import Any
 
-import pyarrow.fs as pafs
 import torch
 import torch.nn as nn
 
-from harness.errors import TransientError
+from harness.fs import atomic_write, exists, open_store, read_bytes
 from model_zoo import ModelSpec, create_model
-
-
-def open_store(uri: str) -> tuple[pafs.FileSystem, str]:
-    """A filesystem and a root path; plain paths are local and made absolute."""
-    if "://" not in uri:
-        return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(uri))
-    return pafs.FileSystem.from_uri(uri)
-
-
-def atomic_write(fs: pafs.FileSystem, path: str, data: bytes) -> None:
-    """Readers see the whole file or none: temp file + rename locally, one PUT on object stores."""
-    parent, name = path.rsplit("/", 1)
-    try:
-        fs.create_dir(parent, recursive=True)
-        if isinstance(fs, pafs.LocalFileSystem):
-            tmp = f"{parent}/.{name}.{uuid.uuid4().hex}.tmp"
-            with fs.open_output_stream(tmp) as f:
-                f.write(data)
-            os.replace(tmp, path)
-        else:
-            with fs.open_output_stream(path) as f:
-                f.write(data)
-    except OSError as e:
-        raise TransientError(f"writing {path}: {e}") from e
-
-
-def read_bytes(fs: pafs.FileSystem, path: str) -> bytes:
-    with fs.open_input_stream(path) as f:
-        return f.read()
-
-
-def exists(fs: pafs.FileSystem, path: str) -> bool:
-    return fs.get_file_info(path).type != pafs.FileType.NotFound
 
 
 def _to_bytes(obj: Any) -> bytes:
@@ -113,3 +77,47 @@ class ArtifactStore:
 
     def load_secret(self, stage: str, key: str) -> dict[str, Any]:
         return _from_bytes(read_bytes(self.fs, self.path(stage, key, "key.pt")))
+
+
+class Artifact:
+    """A finished stage's output as a plug-in sees it (``ctx.inputs[name]``, ``ctx.marked``):
+    its public ``meta``, and the model, weights and secret, each loaded on first use."""
+
+    def __init__(
+        self,
+        store: ArtifactStore,
+        meta: dict[str, Any],
+        device: str = "cpu",
+        inputs: dict[str, Artifact] | None = None,
+    ) -> None:
+        self.store, self.meta, self.device = store, meta, device
+        self.inputs: dict[str, Artifact] = inputs or {}
+        self._secret: dict[str, Any] | None = None
+
+    @property
+    def spec(self) -> ModelSpec | None:
+        return ModelSpec(**self.meta["spec"]) if self.meta.get("spec") else None
+
+    def model(self, device: str | None = None) -> nn.Module:
+        """The stored network, rebuilt from its spec, in eval mode on `device`."""
+        if self.spec is None:
+            raise ValueError(f"{self.meta.get('stage')} stored no model spec: use state()")
+        return self.store.load_model(self.meta, device or self.device)[0]
+
+    def state(self) -> dict[str, Any]:
+        """The stored weights (for networks a plug-in rebuilds itself from `meta`)."""
+        return self.store.load_state(self.meta)
+
+    def secret(self) -> dict[str, Any]:
+        if self._secret is None:
+            self._secret = self.store.load_secret(self.meta["stage"], self.meta["key"])
+        return self._secret
+
+    def with_inputs(self) -> Artifact:
+        """This artifact with the inputs it was made from (the `inputs` its meta records)."""
+        refs = self.meta.get("inputs") or {}
+        self.inputs = {
+            name: Artifact(self.store, self.store.load_meta(stage, key), self.device)
+            for name, (stage, key) in refs.items()
+        }
+        return self

@@ -1,16 +1,24 @@
-"""Cells, stage keys and stable ids.
+"""Cells, stage jobs, keys and stable ids: the engine's side of the plug-in contract.
 
 A key is the sha256 of the canonical JSON of everything a stage's output depends on,
-including the plug-in's version, so a victim trained once serves every method and a marked
-model serves every attack, across runs and scenarios that share a store.
+including the plug-in's name and version, so a victim trained once serves every method, a
+marked model serves every attack and an aux step (an ISN, a key set, null models) is shared
+by every cell that declares the same one, across runs and scenarios that share a store.
+Plug-ins declare their aux steps and needs (`harness.plugin`); only this module turns those
+declarations into keys and jobs.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from dataclasses import asdict, dataclass, replace
 from typing import Any
+
+from harness.attacks import ATTACKS, Attack
+from harness.methods import METHODS, Method
+from harness.plugin import AuxStep, Plugin, VictimRef, need_name
 
 VICTIM_VERSION = "1"
 
@@ -23,15 +31,46 @@ def digest(obj: Any) -> str:
     return hashlib.sha256(canonical(obj).encode()).hexdigest()[:32]
 
 
+@functools.lru_cache(maxsize=4096)
+def _plugin(kind: str, name: str, params: str) -> Plugin:
+    registry = METHODS if kind == "method" else ATTACKS
+    return registry.get(name)(json.loads(params))
+
+
+def method_of(cell: Cell) -> Method:
+    """The cell's method plug-in (instances are cached: building the DAG asks often)."""
+    return _plugin("method", cell.method, canonical(cell.method_params))
+
+
+def attack_of(cell: Cell) -> Attack:
+    return _plugin("attack", cell.attack, canonical(cell.attack_params))
+
+
+def aux_stage(plugin: Plugin, step: str) -> str:
+    """The stage (and artifact folder) name of a plug-in's aux step."""
+    return f"aux/{plugin.name}/{step}"
+
+
+def plugin_of_stage(cell: Cell, stage: str) -> tuple[Plugin, AuxStep]:
+    """The plug-in and declared step an `aux/<plugin>/<step>` job of `cell` runs."""
+    _, name, step = stage.split("/", 2)
+    plugin = method_of(cell) if name == cell.method else attack_of(cell)
+    steps = {s.name: s for s in plugin.aux_steps()}
+    return plugin, steps[step]
+
+
 @dataclass(frozen=True)
 class Job:
-    """One stage task: its function name, content key, cell, upstream jobs, resource class."""
+    """One stage task: its function name, content key, cell, upstream jobs, resource class.
 
-    stage: str  # train_victim | embed | attack | aux/<step> (a method's own stage)
+    `names` are the names the upstream jobs reach the plug-in under (``ctx.inputs``)."""
+
+    stage: str  # train_victim | embed | attack | aux/<plugin>/<step>
     key: str
     cell: Cell
     deps: tuple[Job, ...] = ()
     resources: str = "train"  # which entry of the scenario's `resources` applies
+    names: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -65,21 +104,42 @@ class Cell:
         cell = replace(self, seed=self.seed if seed is None else seed, arch=arch or self.arch)
         return Job("train_victim", cell.victim_key(), cell)
 
-    def embed_job(self) -> Job:
-        from harness.methods import METHODS, create_method
+    # ------------------------------------------------------------------ declared upstream
 
-        version = METHODS.get(self.method).version
-        key = digest(["embed", self.victim_key(), self.method, version, self.method_params])
-        aux = create_method(self.method, self.method_params).aux_jobs(self)
-        return Job("embed", key, self, (self.victim_job(), *aux), "embed")
+    def _need(self, plugin: Plugin, need, steps: dict[str, AuxStep]) -> Job:
+        if isinstance(need, VictimRef):
+            return self.victim_job(seed=self.seed + need.seed_offset, arch=need.arch)
+        return self.aux_job(plugin, steps[need], steps)
+
+    def aux_job(self, plugin: Plugin, step: AuxStep, steps: dict[str, AuxStep]) -> Job:
+        """A declared aux step: keyed by the plug-in's name and version, the step, the params
+        that matter and its upstream keys (the data set for a scenario-level step)."""
+        deps = tuple(self._need(plugin, n, steps) for n in step.needs)
+        values = plugin.params.model_dump(mode="json")  # public (alias) names
+        fields = values if step.params == "all" else step.params
+        keyed = {k: values[k] for k in sorted(fields) if k not in step.exclude}
+        upstream = [d.key for d in deps] or [self.dataset]
+        key = digest(["aux", plugin.kind, plugin.name, plugin.version, step.name, keyed, upstream])
+        names = tuple(need_name(n) for n in step.needs)
+        return Job(aux_stage(plugin, step.name), key, self, deps, step.resources, names)
+
+    def _needs(self, plugin: Plugin, needs) -> tuple[tuple[Job, ...], tuple[str, ...]]:
+        steps = {s.name: s for s in plugin.aux_steps()}
+        jobs = tuple(self._need(plugin, n, steps) for n in needs)
+        return jobs, tuple(need_name(n) for n in needs)
+
+    def embed_job(self) -> Job:
+        method = method_of(self)
+        key = digest(["embed", self.victim_key(), self.method, method.version, self.method_params])
+        deps, names = self._needs(method, method.needs())
+        return Job("embed", key, self, (self.victim_job(), *deps), "embed", ("victim", *names))
 
     def attack_job(self, embed: Job | None = None) -> Job:
-        from harness.attacks import ATTACKS
-
+        attack = attack_of(self)
         embed = embed or self.embed_job()
-        version = ATTACKS.get(self.attack).version
-        key = digest(["attack", embed.key, self.attack, version, self.attack_params])
-        return Job("attack", key, self, (embed,), "attack")
+        key = digest(["attack", embed.key, self.attack, attack.version, self.attack_params])
+        deps, names = self._needs(attack, tuple(s.name for s in attack.aux_steps()))
+        return Job("attack", key, self, (embed, *deps), "attack", ("marked", *names))
 
     def embed_key(self) -> str:
         return self.embed_job().key
@@ -106,39 +166,3 @@ def distinct_jobs(cells: list[Cell]) -> dict[str, Job]:
             jobs[job.key] = job
             stack.extend(job.deps)
     return jobs
-
-
-def expand_cells(scenario, file: str | None = None) -> list[Cell]:
-    """The full grid, ordered so that cells sharing a victim and a marked model are adjacent.
-
-    Pairs of an attack that targets other methods' models (`Attack.methods`) are left out."""
-    from harness.attacks import ATTACKS
-    from harness.config import resolve_component
-    from harness.methods import METHODS
-
-    methods = [
-        (m.name, p)
-        for i, m in enumerate(scenario.methods)
-        for p in resolve_component(m, METHODS, f"methods[{i}]", file)
-    ]
-    attacks = [
-        (a.name, p, a.role)
-        for i, a in enumerate(scenario.attacks)
-        for p in resolve_component(a, ATTACKS, f"attacks[{i}]", file)
-    ]
-    dataset, train = (
-        scenario.dataset.model_dump(mode="json"),
-        scenario.train.model_dump(mode="json"),
-    )
-    cells = [
-        Cell(scenario.name, dataset, train, arch, m, mp, a, ap, seed, role)
-        for arch in scenario.archs
-        for seed in scenario.seeds
-        for m, mp in methods
-        for a, ap, role in attacks
-        if ATTACKS.get(a).methods is None or m in ATTACKS.get(a).methods
-    ]
-    seen: dict[str, Cell] = {}
-    for cell in cells:
-        seen.setdefault(cell.cell_id, cell)
-    return list(seen.values())

@@ -16,8 +16,8 @@ DEFAULT_STORE = "store"
 
 
 def cmd_validate(args) -> int:
-    from harness.cells import distinct_jobs, expand_cells
-    from harness.config import load_scenario
+    from harness.cells import distinct_jobs
+    from harness.grid import expand_cells, load_scenario
 
     scenario = load_scenario(args.scenario)
     cells = expand_cells(scenario, args.scenario)
@@ -35,8 +35,7 @@ def cmd_validate(args) -> int:
 
 def cmd_run(args) -> int:
     from harness import scheduler
-    from harness.cells import expand_cells
-    from harness.config import load_scenario
+    from harness.grid import expand_cells, load_scenario
     from results.store import ok_cell_ids
 
     scenario = load_scenario(args.scenario)
@@ -113,6 +112,24 @@ def _run_with_progress(scheduler, scenario, cells, args):
         )
 
 
+def plugin_tables(df) -> list[tuple[str, object]]:
+    """Each registered plug-in's own summary table over its ok rows (`summary_table`)."""
+    from harness.attacks import ATTACKS
+    from harness.methods import METHODS
+
+    tables = []
+    for column, registry in (("method", METHODS), ("attack", ATTACKS)):
+        for name in registry.list():
+            cls = registry.get(name)
+            rows = df[(df["status"] == "ok") & (df[column] == name)]
+            if rows.empty or cls.summary_title is None:
+                continue
+            table = cls.summary_table(rows)
+            if table is not None and not table.empty:
+                tables.append((cls.summary_title, table))
+    return tables
+
+
 def _show(
     store: str,
     scenario: str | None = None,
@@ -120,7 +137,7 @@ def _show(
     fmt: str = "table",
 ) -> None:
     from results import load
-    from results.analysis import discriminability, output_watermarking, passports, summary
+    from results.analysis import summary
     from results.report import markdown, render
 
     df = load(store)
@@ -128,15 +145,8 @@ def _show(
         df = df[df["scenario"] == scenario]
     title = f"{store}" + (f" · {scenario}" if scenario else "")
     tables = [(title, summary(df, by))]
-    disc = discriminability(df)
-    if not disc.empty:
-        tables.append(("discriminability (benign - malicious)", disc.drop(columns=["scenario"])))
-    outputs = output_watermarking(df)
-    if not outputs.empty:
-        tables.append(("output watermarking (success = share of outputs with NC > 0.95)", outputs))
-    passport = passports(df)
-    if not passport.empty:
-        tables.append(("steganographic passport (detection = share of matching signs)", passport))
+    if not df.empty:
+        tables += plugin_tables(df)
     for name, table in tables:
         if fmt == "markdown":
             print(f"\n**{name}**\n\n{markdown(table)}")
@@ -146,7 +156,31 @@ def _show(
             render(table, title=name, console=Console())
 
 
+def _show_failed(store: str, scenario: str | None) -> int:
+    """Every failed cell of the store with its error and traceback (newest row per cell)."""
+    from results import load
+
+    df = load(store)
+    if scenario:
+        df = df[df["scenario"] == scenario]
+    failed = df[df["status"] == "failed"] if not df.empty else df
+    if failed.empty:
+        print("no failed cells")
+        return 0
+    for row in failed.itertuples(index=False):
+        print(f"=== {row.cell_id[:12]} {row.scenario} {row.arch} {row.method} {row.attack} "
+              f"seed {row.seed}")
+        print(row.error)
+        trace = getattr(row, "traceback", None)
+        if isinstance(trace, str) and trace:
+            print(trace.rstrip())
+    print(f"{len(failed)} failed cell(s)")
+    return 0
+
+
 def cmd_show(args) -> int:
+    if args.failed:
+        return _show_failed(args.store, args.scenario)
     by = ("arch", "method", "attack") if args.by_arch else ("method", "attack")
     _show(args.store, args.scenario, by, args.format)
     return 0
@@ -174,8 +208,8 @@ def cmd_list(args) -> int:
 
 def cmd_tune(args) -> int:
     from harness import scheduler, tuning
-    from harness.config import load_scenario
     from harness.errors import ConfigError
+    from harness.grid import load_scenario
 
     scenario = load_scenario(args.scenario)
     if scenario.tune is None:
@@ -193,14 +227,18 @@ def cmd_tune(args) -> int:
             max_in_flight=args.max_in_flight or scenario.max_in_flight,
         )
 
+    objective = tuning.objective_name(scenario)
+
     def report(result, study) -> None:
         best = tuning.best_feasible(study)
-        params = ", ".join(f"{k}={v:.3g}" for k, v in result.params.items())
+        params = ", ".join(_fmt_value(k, v) for k, v in result.params.items())
+        figures = "  ".join(
+            f"{k} {v:.3f}" for k, v in result.figures.items() if k != objective
+        )
         value = "-" if result.value is None else f"{result.value:+.4f}"
         console.print(
-            f"trial {result.number:3d} {result.state:8s} disc_rel {value}  "
-            f"ssim_min {result.ssim_min:.3f}  keys {result.n_keys:.0f}  ({params})"
-            + (f"  (best: trial {best.number}, {best.value:+.4f})" if best else "")
+            f"trial {result.number:3d} {result.state:8s} {objective} {value}  {figures}  "
+            f"({params})" + (f"  (best: trial {best.number}, {best.value:+.4f})" if best else "")
         )
 
     study = tuning.tune(
@@ -215,14 +253,16 @@ def cmd_tune(args) -> int:
     out = tuning.best_fragment_path(args.store, scenario)
     fragment = tuning.write_best(study, scenario, out)
     if fragment is None:
-        console.print(
-            "[yellow]no feasible trial yet[/yellow] (constraints: key SSIM >= "
-            f"{scenario.tune.ssim_min}, >= {scenario.tune.min_keys} keys)"
-        )
+        constraints = ", ".join(f"{k} {v}" for k, v in scenario.tune.constraints.items())
+        console.print(f"[yellow]no feasible trial yet[/yellow] (constraints: {constraints})")
         return 0
     console.print(f"best parameters -> {out}")
     print(yaml_dump(fragment))
     return 0
+
+
+def _fmt_value(name: str, value) -> str:
+    return f"{name}={value:.3g}" if isinstance(value, float) else f"{name}={value}"
 
 
 def yaml_dump(data) -> str:
@@ -279,8 +319,13 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("--scenario", default=None)
     show.add_argument("--by-arch", action="store_true", help="one row per architecture too")
     show.add_argument("--format", choices=["table", "markdown", "csv"], default="table")
+    show.add_argument(
+        "--failed", action="store_true", help="print every failed cell's error and traceback"
+    )
     show.set_defaults(fn=cmd_show)
-    tune = sub.add_parser("tune", help="Optuna over a method's loss weights (the `tune:` section)")
+    tune = sub.add_parser(
+        "tune", help="Optuna over a method's or an attack's parameters (the `tune:` section)"
+    )
     tune.add_argument("scenario")
     tune.add_argument("--trials", type=int, default=8, help="finished trials the study should hold")
     tune.add_argument("--parallel", type=int, default=2, help="trials whose cells run at once")
@@ -302,6 +347,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("what", choices=["scheduler", "store", "train", "all"])
     bench.add_argument("--cells", type=int, default=1000)
     bench.add_argument("--rows", type=int, default=100_000)
+    bench.add_argument("--arch", default="resnet10t", help="train: the network")
+    bench.add_argument("--steps", type=int, default=30, help="train: steps per run")
+    bench.add_argument("--batch", type=int, default=64, help="train: batch size")
     bench.set_defaults(fn=cmd_bench)
     return p
 

@@ -7,14 +7,24 @@ field path, the bad value and what is allowed, before any Ray task is started.
 from __future__ import annotations
 
 import itertools
+import math
 import typing
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from harness.errors import ConfigError
+from harness.registry import close_match
 
 STAGES = ("train", "embed", "attack", "verify")
 
@@ -80,8 +90,8 @@ class Resources(Strict):
 class ComponentCfg(Strict):
     """A method or attack: a bare name, or {name, params}; list values expand the grid.
 
-    `role` labels an attack as a benign or a malicious modification (for methods such as
-    discriminative samples, whose figure of merit contrasts the two)."""
+    `role` labels an attack as a benign or a malicious modification (for methods whose
+    figure of merit contrasts the two)."""
 
     name: str
     params: dict[str, Any] = {}
@@ -94,29 +104,79 @@ class ComponentCfg(Strict):
 
 
 class SearchRange(Strict):
-    low: float
-    high: float
+    """One searched parameter: a float or int range (``log`` for a log scale), or ``choices``."""
+
+    low: float | None = None
+    high: float | None = None
     log: bool = False
+    type: Literal["float", "int"] = "float"
+    choices: list[Any] | None = Field(None, min_length=1)
 
     @model_validator(mode="after")
     def _ordered(self) -> SearchRange:
+        if self.choices is not None:
+            if self.low is not None or self.high is not None:
+                raise ValueError("give either choices or a low / high range, not both")
+            return self
+        if self.low is None or self.high is None:
+            raise ValueError("a range needs low and high (or give choices)")
+        if not (math.isfinite(self.low) and math.isfinite(self.high)):
+            raise ValueError("low and high must be finite numbers")
         if not self.low < self.high:
             raise ValueError(f"low ({self.low}) must be below high ({self.high})")
         if self.log and self.low <= 0:
             raise ValueError("a log range needs low > 0")
+        whole = float(self.low).is_integer() and float(self.high).is_integer()
+        if self.type == "int" and not whole:
+            raise ValueError("an int range needs whole-number bounds")
         return self
+
+    def contains(self, value: Any) -> bool:
+        if self.choices is not None:
+            return value in self.choices
+        return isinstance(value, (int, float)) and self.low <= value <= self.high
+
+
+CONSTRAINT = r"^\s*(>=|<=)\s*[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?\s*$"
 
 
 class TuneCfg(Strict):
-    """`harness tune`: Optuna over one method's parameters; objective = mean discriminability
-    relative to the natural-image control over the scenario's (source, target) pairs."""
+    """`harness tune`: Optuna over the parameters of one method or one attack of the scenario.
 
-    method: str = "discriminative"
+    The objective is a figure the plug-in declares (default: its own, e.g. the watermark score
+    after the scenario's attacks, or removal for an attack); constraints bound declared figures
+    (``{ssim_min: ">= 0.99"}``) and are met when every one holds."""
+
+    method: str | None = None
+    attack: str | None = None
     space: dict[str, SearchRange] = Field(min_length=1)
-    ssim_min: float = Field(0.99, ge=0, le=1, description="constraint: min key SSIM")
-    min_keys: int = Field(10, ge=1, description="constraint: accepted keys per key set")
+    objective: str | None = None
+    direction: Literal["maximize", "minimize"] | None = None
+    constraints: dict[str, Annotated[str, StringConstraints(pattern=CONSTRAINT)]] = {}
     sampler: Literal["tpe", "random"] = "tpe"
     seed: int = 0
+
+    @model_validator(mode="after")
+    def _one_plugin(self) -> TuneCfg:
+        if (self.method is None) == (self.attack is None):
+            raise ValueError("name exactly one plug-in to tune: `method: NAME` or `attack: NAME`")
+        return self
+
+    @property
+    def kind(self) -> str:
+        return "method" if self.method is not None else "attack"
+
+    @property
+    def target(self) -> str:
+        return self.method if self.method is not None else self.attack
+
+    def bounds(self) -> dict[str, tuple[str, float]]:
+        """Each constraint as (operator, bound)."""
+        out = {}
+        for name, text in self.constraints.items():
+            text = text.strip()
+            out[name] = (text[:2], float(text[2:]))
+        return out
 
 
 class Scenario(Strict):
@@ -133,6 +193,12 @@ class Scenario(Strict):
     max_retries: int = Field(2, ge=0)
     reported: dict[str, Any] = {}
     tune: TuneCfg | None = None
+
+
+def param_names(params_model: type[BaseModel]) -> list[str]:
+    """A plug-in's parameter names as a scenario spells them (a field's alias if it has one,
+    e.g. `lambda`, a Python keyword)."""
+    return sorted(f.alias or name for name, f in params_model.model_fields.items())
 
 
 def _field_path(loc: tuple) -> str:
@@ -164,8 +230,6 @@ def _from_validation(
     err: ValidationError, file: str | None, root: type[BaseModel], prefix: str | None = None
 ) -> ConfigError:
     """The first pydantic error as a ConfigError, with allowed values and a close match."""
-    from harness.registry import close_match
-
     first = err.errors()[0]
     loc = tuple(first["loc"])
     path = ".".join(p for p in (prefix, _field_path(loc)) if p)
@@ -292,121 +356,3 @@ def parse_scenario(data: dict, file: str | None = None) -> Scenario:
         return Scenario.model_validate(data)
     except ValidationError as e:
         raise _from_validation(e, file, Scenario) from None
-
-
-def load_scenario(path: str | Path) -> Scenario:
-    """Parse and fully check a scenario file: schema, names, parameters, data availability."""
-    path = Path(path)
-    scenario = parse_scenario(load_yaml_with_includes(path), str(path))
-    check_scenario(scenario, str(path))
-    return scenario
-
-
-def check_scenario(scenario: Scenario, file: str | None = None) -> None:
-    from harness import data
-    from harness.attacks import ATTACKS
-    from harness.cells import expand_cells
-    from harness.methods import METHODS
-    from model_zoo import check_arch
-    from model_zoo.image2image import check_image_size
-
-    task = data.task_of(scenario.dataset.name)
-    for i, arch in enumerate(scenario.archs):
-        try:
-            check_arch(arch, image2image=task == "image2image")
-            if task == "image2image":
-                check_image_size(arch, scenario.dataset.image_size, scenario.dataset.channels)
-        except ConfigError as e:
-            raise e.with_location(file, f"archs[{i}]") from None
-    try:
-        data.check_dataset(scenario.dataset)
-    except ConfigError as e:
-        raise e.with_location(file, None if e.field else "dataset.name") from None
-    for field, comps, registry in (
-        ("methods", scenario.methods, METHODS),
-        ("attacks", scenario.attacks, ATTACKS),
-    ):
-        for i, comp in enumerate(comps):
-            check_component(comp, registry, f"{field}[{i}]", file, scenario)
-    method_names = {m.name for m in scenario.methods}
-    for i, a in enumerate(scenario.attacks):
-        targets = ATTACKS.get(a.name).methods
-        if targets is not None and not method_names & set(targets):
-            raise ConfigError(
-                f"attack {a.name!r} targets models of other methods only: no cell would run it",
-                file=file,
-                field=f"attacks[{i}].name",
-                value=a.name,
-                allowed=list(targets),
-                hint="add one of those methods to `methods`",
-            )
-    expand_cells(scenario, file)
-    if scenario.tune is not None:
-        check_tune(scenario, file)
-
-
-def check_component(comp: ComponentCfg, registry, field: str, file: str | None, scenario) -> None:
-    """The plug-in handles the data set's task, and each grid point suits the data
-    (`check_data`: e.g. a U-Net depth the image size allows) and every arch (`check_arch`:
-    e.g. passport layers need BatchNorm) - before any task starts."""
-    from harness import data
-
-    dataset = scenario.dataset
-    task = data.task_of(dataset.name)
-    grid = resolve_component(comp, registry, field, file)  # an unknown name fails here
-    cls = registry.get(comp.name)
-    if task not in cls.tasks:
-        raise ConfigError(
-            f"{registry.kind} {comp.name!r} does not apply to {task} data ({dataset.name})",
-            file=file,
-            field=f"{field}.name",
-            value=comp.name,
-            allowed=[n for n in registry.list() if task in registry.get(n).tasks],
-        )
-    for params in grid:
-        try:
-            plugin = cls(params)
-            plugin.check_data(dataset)
-            for arch in scenario.archs:
-                plugin.check_arch(arch, dataset)
-        except ConfigError as e:
-            raise e.with_location(file, f"{field}.params") from None
-
-
-def check_tune(scenario: Scenario, file: str | None) -> None:
-    """A tune section names a method of the scenario, its real parameters, and both roles."""
-    from harness.methods import METHODS
-    from harness.registry import close_match
-
-    tune = scenario.tune
-    names = [m.name for m in scenario.methods]
-    if tune.method not in names:
-        raise ConfigError(
-            "tune.method must be one of the scenario's methods",
-            file=file,
-            field="tune.method",
-            value=tune.method,
-            allowed=names,
-            hint=close_match(tune.method, names),
-        )
-    fields = sorted(METHODS.get(tune.method).Params.model_fields)
-    for name in tune.space:
-        if name not in fields:
-            raise ConfigError(
-                f"not a parameter of {tune.method}",
-                file=file,
-                field=f"tune.space.{name}",
-                value=name,
-                allowed=fields,
-                hint=close_match(name, fields),
-            )
-    roles = {a.role for a in scenario.attacks}
-    for role in ("benign", "malicious"):
-        if role not in roles:
-            raise ConfigError(
-                f"a tune scenario needs at least one attack with role: {role} "
-                "(discriminability contrasts benign and malicious modifications)",
-                file=file,
-                field="attacks",
-                value=[a.name for a in scenario.attacks],
-            )

@@ -1,25 +1,28 @@
-"""What a method or attack sees of its cell: data splits, training config, model spec, device."""
+"""What a method or attack sees of its cell: data splits, training config, model spec, device,
+and the artifacts the engine loaded for it (its aux steps' outputs, the marked model's)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
 
 import torch.nn as nn
 
+from harness.artifacts import Artifact
+from harness.config import TrainCfg
 from harness.data import Splits
+from harness.training import prepare
 from model_zoo import ModelSpec, create_model
 
 
 @dataclass
 class Context:
     data: Splits
-    train: object  # harness.config.TrainCfg
+    train: TrainCfg
     spec: ModelSpec
     device: str
     seed: int
-    artifacts: Any = None  # harness.artifacts.ArtifactStore, for methods' and attacks' own files
-    marked: dict | None = None  # attack / verify: the embed stage's meta
+    inputs: dict[str, Artifact] = field(default_factory=dict)  # declared needs, by name
+    marked: Artifact | None = None  # attack / verify: the embed artifact (its inputs too)
     evidence: dict | None = None  # verify: what the attack returned beside its model
 
     @property
@@ -27,6 +30,4 @@ class Context:
         return self.data.task
 
     def create_model(self, spec: ModelSpec | None = None) -> nn.Module:
-        from harness.training import prepare
-
         return prepare(create_model(spec or self.spec), self.device)

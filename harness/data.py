@@ -15,6 +15,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from harness.config import DatasetCfg
 from harness.errors import ConfigError
 from harness.registry import Registry
 
@@ -82,7 +83,7 @@ def _to_uint8(images: torch.Tensor, size: int, channels: int) -> torch.Tensor:
 @DATASETS.register("digits")
 def load_digits(cfg) -> RawData:
     """The 1,797 real 8x8 handwritten digits shipped inside scikit-learn."""
-    from sklearn.datasets import load_digits as sk_digits
+    from sklearn.datasets import load_digits as sk_digits  # lazy: start-up time
 
     bunch = sk_digits()
     x = torch.from_numpy(bunch.images.astype(np.float32) / 16.0).unsqueeze(1)
@@ -139,14 +140,14 @@ def _torchvision_pair(cls, cfg) -> RawData:
 
 @DATASETS.register("cifar10")
 def load_cifar10(cfg) -> RawData:
-    from torchvision.datasets import CIFAR10
+    from torchvision.datasets import CIFAR10  # lazy: start-up time
 
     return _torchvision_pair(CIFAR10, cfg)
 
 
 @DATASETS.register("cifar100")
 def load_cifar100(cfg) -> RawData:
-    from torchvision.datasets import CIFAR100
+    from torchvision.datasets import CIFAR100  # lazy: start-up time
 
     return _torchvision_pair(CIFAR100, cfg)
 
@@ -154,8 +155,8 @@ def load_cifar100(cfg) -> RawData:
 @DATASETS.register("imagefolder")
 def load_imagefolder(cfg) -> RawData:
     """A torchvision ImageFolder (root/class/*.jpg); `root/train` and `root/val` if both exist."""
-    from torchvision import transforms
-    from torchvision.datasets import ImageFolder
+    from torchvision import transforms  # lazy: start-up time
+    from torchvision.datasets import ImageFolder  # lazy: start-up time
 
     root = _require_root(cfg)
     tf = transforms.Compose(
@@ -206,8 +207,8 @@ def photo_sources() -> tuple[tuple[str, np.ndarray], ...]:
     A photo the installed scikit-image lacks (or would have to download) is skipped, so the
     data set degrades gracefully across versions instead of reaching for the network.
     """
-    import skimage.data
-    from sklearn.datasets import load_sample_images
+    import skimage.data  # lazy: start-up time
+    from sklearn.datasets import load_sample_images  # lazy: start-up time
 
     photos = []
     for name in SKIMAGE_PHOTOS:
@@ -335,7 +336,7 @@ def load_photo_pairs(cfg) -> RawData:
 
 def _read_pair(path: Path, size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """One side-by-side [A | B] file (pix2pix layout) as two float (3, size, size) halves."""
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image, UnidentifiedImageError  # lazy: start-up time
 
     try:
         with Image.open(path) as opened:
@@ -419,8 +420,6 @@ def split(raw: RawData, cfg) -> Splits:
 
 @functools.lru_cache(maxsize=4)
 def _load_cached(cfg_json: str) -> Splits:
-    from harness.config import DatasetCfg
-
     cfg = DatasetCfg.model_validate_json(cfg_json)
     return split(DATASETS.get(cfg.name)(cfg), cfg)
 

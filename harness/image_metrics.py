@@ -88,3 +88,8 @@ def success_rate(nc_values: torch.Tensor | Sequence[float], threshold: float = 0
     if values.numel() == 0:
         raise ValueError("success_rate needs at least one NC value, got none")
     return float((values > threshold).double().mean())
+
+
+def to_uint8(x: torch.Tensor) -> torch.Tensor:
+    """Float images in [0, 1] as 8-bit ones on the CPU (what a PNG or a service holds)."""
+    return torch.round(x.detach().float().clamp(0, 1) * 255).to(torch.uint8).cpu()

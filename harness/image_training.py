@@ -7,7 +7,6 @@ as a served model's outputs are: whatever the watermark survives must survive th
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 
 import timm
@@ -15,8 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from harness.errors import CellFailed
-from harness.training import as_float, autocast, predict_images
+from harness.training import as_float, autocast, predict_images, train_loop
 from model_zoo.image2image import PatchDiscriminator
 
 LOSSES = ("l1", "l2", "perceptual", "l1+gan", "l2+gan", "perceptual+gan")
@@ -66,10 +64,6 @@ def adam(params, lr: float) -> torch.optim.Adam:
     return torch.optim.Adam(params, lr=lr, betas=(0.5, 0.999))  # pix2pix / the paper's code
 
 
-def cosine(opt: torch.optim.Optimizer, steps: int) -> torch.optim.lr_scheduler.LRScheduler:
-    return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, steps))
-
-
 def lsgan(logits: torch.Tensor, real: bool) -> torch.Tensor:
     return F.mse_loss(logits, torch.full_like(logits, float(real)))
 
@@ -96,37 +90,31 @@ def train_image_model(
     disc = PatchDiscriminator(channels, disc_width).to(device) if loss.endswith("+gan") else None
     opt = adam(model.parameters(), lr)
     opt_d = adam(disc.parameters(), lr) if disc is not None else None
-    n = len(x)
-    steps = max(1, -(-n // batch_size))
-    sched = cosine(opt, epochs * steps)
     gen = torch.Generator().manual_seed(seed)
-    model.train()
-    start, seen, total = time.perf_counter(), 0, 0.0
-    for epoch in range(epochs):
-        order = torch.randperm(n, generator=gen)
-        for step in range(steps):
-            idx = order[step * batch_size : (step + 1) * batch_size]
-            xb, tb = as_float(x[idx], device), as_float(targets[idx], device)
-            with autocast(device, amp):
-                out = model(xb).float()
-                value = recon(out, tb)
-                if disc is not None:
-                    value = value + gan_weight * lsgan(disc(out).float(), True)
-            if not torch.isfinite(value):
-                raise CellFailed(f"non-finite loss ({value.item()}) at epoch {epoch}, step {step}")
-            opt.zero_grad(set_to_none=True)
-            value.backward()
-            opt.step()
-            sched.step()
-            if disc is not None:
-                with autocast(device, amp):
-                    real, fake = disc(tb).float(), disc(out.detach()).float()
-                    d_loss = lsgan(real, True) + lsgan(fake, False)
-                opt_d.zero_grad(set_to_none=True)
-                d_loss.backward()
-                opt_d.step()
-            seen += len(idx)
-            total += value.item() * len(idx)
-    model.eval()
-    seconds = time.perf_counter() - start
-    return {"loss": total / max(seen, 1), "seconds": seconds, "images_per_s": seen / seconds}
+    last: dict[str, torch.Tensor] = {}  # the step's target and output, for the discriminator
+
+    def batch(idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return as_float(x[idx], device), as_float(targets[idx], device)
+
+    def loss_fn(b: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        xb, last["target"] = b
+        last["out"] = out = model(xb).float()
+        value = recon(out, last["target"])
+        if disc is not None:
+            value = value + gan_weight * lsgan(disc(out).float(), True)
+        return value
+
+    def disc_step() -> None:
+        with autocast(device, amp):
+            real = disc(last["target"]).float()
+            fake = disc(last["out"].detach()).float()
+            d_loss = lsgan(real, True) + lsgan(fake, False)
+        opt_d.zero_grad(set_to_none=True)
+        d_loss.backward()
+        opt_d.step()
+
+    return train_loop(
+        loss_fn, opt, n=len(x), batch_size=batch_size, epochs=epochs, generator=gen,
+        batch=batch, device=device, amp=amp, modules=[model],
+        after_step=disc_step if disc is not None else None,
+    )  # fmt: skip

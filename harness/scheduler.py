@@ -8,7 +8,6 @@ the run manifest; each cell's verify task writes its own Parquet row.
 
 from __future__ import annotations
 
-import os
 import platform
 import subprocess
 import time
@@ -17,15 +16,17 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
+import pyarrow
 import ray
+import timm
+import torch
 
-from harness import __version__, stages
+from harness import __version__
 from harness.cells import Cell, Job, cell_id_of
 from harness.config import Resources
 from harness.errors import TransientError
-from results.store import ok_cell_ids, write_manifest, write_row
-
-FAULT_ENV = "WMBENCH_INJECT_FAULT"  # "<transient|crash>:<stage>:<marker file>", for fault tests
+from harness.executors import REAL, Executor
+from results.store import ok_cell_ids, write_manifest
 
 
 def connect(address: str | None = None, num_cpus: int | None = None) -> None:
@@ -48,50 +49,17 @@ def _device() -> str:
     gpus = ray.get_runtime_context().get_accelerator_ids().get("GPU", [])
     if not gpus:
         return "cpu"
-    import torch
-
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def _inject_fault(stage: str) -> None:
-    spec = os.environ.get(FAULT_ENV)
-    if not spec:
-        return
-    kind, where, marker = spec.split(":", 2)
-    if where != stage or os.path.exists(marker):
-        return
-    open(marker, "w").close()
-    if kind == "crash":
-        os._exit(1)
-    raise TransientError(f"injected transient fault in {stage}")
-
-
-def _noop_stage(cell: dict, key: str, store: str, device: str, *upstream: dict) -> dict:
-    return {"key": key}
-
-
-def _noop_verify(cell: dict, store: str, device: str, run: dict, *upstream: dict) -> dict:
-    return {"cell_id": run.get("cell_id"), "status": "ok"}
-
-
-EXECUTORS: dict[str, tuple[Callable, Callable]] = {
-    "real": (stages.get_stage, stages.verify),  # stage name -> function; the verify function
-    "noop": (lambda name: _noop_stage, _noop_verify),
-}
-
-
-def stage_task(executor: str, stage: str, cell: dict, key: str, store: str, *upstream) -> dict:
-    _inject_fault(stage)
-    return EXECUTORS[executor][0](stage)(cell, key, store, _device(), *upstream)
+def stage_task(executor: Executor, stage: str, cell: dict, key: str, store: str, *upstream):
+    return executor.stage(stage)(cell, key, store, _device(), *upstream)
 
 
 def verify_task(
-    executor: str, stage: str, cell: dict, cell_id: str, store: str, run: dict, *upstream: dict
+    executor: Executor, stage: str, cell: dict, cell_id: str, store: str, run: dict, *upstream
 ) -> dict:
-    _inject_fault("verify")
-    row = EXECUTORS[executor][1](cell, store, _device(), run, *upstream)
-    if executor == "real":
-        write_row(store, row)
+    row = executor.verify(cell, store, _device(), run, *upstream)
     return {"cell_id": cell_id, "status": row["status"], "error": row.get("error")}
 
 
@@ -106,10 +74,8 @@ REMOTES = {
 
 
 @ray.remote(num_cpus=0)
-def record_failure(cell: dict, store: str, run: dict, error: str) -> None:
-    """A cell whose tasks died for good (retries spent) still gets its failed row."""
-    row = stages.base_row(Cell.from_dict(cell), "unknown", run)
-    write_row(store, {**row, "status": "failed", "error": error[:2000]})
+def record_failure(executor: Executor, cell: dict, store: str, run: dict, error: str) -> None:
+    executor.record_failure(cell, store, run, error)
 
 
 @dataclass
@@ -142,10 +108,11 @@ class StageGraph:
         store: str,
         resources: Resources,
         max_retries: int,
-        executor: str,
+        executor: Executor,
         env: dict[str, str] | None,
     ) -> None:
         self.store, self.executor, self.refs = store, executor, {}
+        self.exec_ref = ray.put(executor)  # pickled once, not into every task
         runtime_env = {"env_vars": env} if env else None
         self.tasks: dict[str, object] = {}
         for res in ("train", "embed", "attack", "verify"):
@@ -166,7 +133,7 @@ class StageGraph:
         if ref is None:
             deps = [self._submit(d) for d in job.deps]
             ref = self.tasks[job.resources].remote(
-                self.executor, job.stage, job.cell.to_dict(), job.key, self.store, *deps
+                self.exec_ref, job.stage, job.cell.to_dict(), job.key, self.store, *deps
             )
             self.refs[job.key] = ref
         return ref
@@ -177,7 +144,7 @@ class StageGraph:
         refs = [self._submit(job) for job in (embed.deps[0], embed, attack)]
         cell_id = cell_id_of(cell.scenario, attack.key, cell.attack_role, cell.trial)
         return self.tasks["verify"].remote(
-            self.executor,
+            self.exec_ref,
             "verify",
             cell.to_dict(),
             cell_id,
@@ -194,14 +161,14 @@ def run_cells(
     resources: Resources,
     max_retries: int = 2,
     max_in_flight: int | None = None,
-    executor: str = "real",
+    executor: Executor = REAL,
     env: dict[str, str] | None = None,
     manifest: dict | None = None,
     progress: Callable[[RunSummary, int], None] | None = None,
     resume: bool = True,
 ) -> RunSummary:
     """Run every cell not already stored as ok; returns counts. Needs `connect()` first."""
-    done = ok_cell_ids(store) if resume and executor == "real" else set()
+    done = ok_cell_ids(store) if resume and executor.writes else set()
     todo = [c for c in cells if c.cell_id not in done]
     run_id = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ-") + uuid.uuid4().hex[:6]
     summary = RunSummary(run_id=run_id, total=len(cells), skipped=len(cells) - len(todo))
@@ -218,7 +185,7 @@ def run_cells(
     }
     window = max_in_flight or max(8, 4 * int(ray.cluster_resources().get("CPU", 1)))
     graph = StageGraph(store, resources, max_retries, executor, env)
-    if executor == "real":
+    if executor.writes:
         write_manifest(store, run_id, record)
     start = time.perf_counter()
     try:
@@ -230,7 +197,7 @@ def run_cells(
         raise
     finally:
         summary.seconds = time.perf_counter() - start
-        if executor == "real":
+        if executor.writes:
             write_manifest(store, run_id, {**record, **_outcome(summary)})
     return summary
 
@@ -260,10 +227,11 @@ def _drive(
                 result = ray.get(ref)
             except ray.exceptions.RayError as e:
                 result = {"status": "failed", "error": f"task failed after retries: {e}"}
-                if graph.executor == "real":
-                    ray.get(
-                        record_failure.remote(cell.to_dict(), graph.store, run, result["error"])
+                ray.get(
+                    record_failure.remote(
+                        graph.exec_ref, cell.to_dict(), graph.store, run, result["error"]
                     )
+                )
             if result["status"] == "ok":
                 summary.ok += 1
             else:
@@ -285,10 +253,6 @@ def _outcome(summary: RunSummary) -> dict:
 
 
 def _versions() -> dict[str, str]:
-    import pyarrow
-    import timm
-    import torch
-
     return {
         "harness": __version__,
         "python": platform.python_version(),

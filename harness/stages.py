@@ -1,10 +1,14 @@
-"""The four stages of a cell as plain functions (no Ray here; `scheduler` distributes them).
+"""The stages of a cell as plain functions (no Ray here; `scheduler` distributes them).
 
 Each stage reads its inputs from, and writes its output to, the artifact store under its
 content key, so a finished stage is never computed twice. A stage returns a small `meta`
 dict that downstream stages receive; a deterministic failure is returned as a meta with
-`failed: True` (never raised) so that every cell ends as a row, while `TransientError`
-propagates for Ray to retry.
+`failed: True` and its traceback (never raised) so that every cell ends as a row, while
+`TransientError` propagates for Ray to retry.
+
+The engine's side of the plug-in hooks lives here: it loads what a plug-in declared it needs
+(`ctx.inputs`), seeds, calls the hook, and saves the typed result (`Embedded`, `Attacked`,
+`AuxOutput`); the plug-in never sees a key or a path.
 """
 
 from __future__ import annotations
@@ -15,18 +19,16 @@ import socket
 import time
 import traceback
 from collections.abc import Callable
-from dataclasses import asdict
 from typing import Any
 
 from harness import __version__, data
-from harness.artifacts import ArtifactStore
-from harness.attacks import create_attack
-from harness.cells import Cell, Job, canonical
+from harness.artifacts import Artifact, ArtifactStore
+from harness.cells import Cell, Job, attack_of, canonical, method_of, plugin_of_stage
 from harness.config import DatasetCfg, TrainCfg
 from harness.context import Context
 from harness.data import load_splits
 from harness.errors import TransientError
-from harness.methods import create_method
+from harness.plugin import need_name
 from harness.training import (
     TASK_METRIC,
     image_scores,
@@ -35,6 +37,7 @@ from harness.training import (
     train_task_model,
 )
 from model_zoo import ModelSpec
+from results.store import write_row
 
 # WRT: a removal counts only if the task score drops by less than this (accuracy: 5 points;
 # PSNR: 2 dB, this harness's analogue for image-to-image models)
@@ -65,7 +68,7 @@ def stage(name: str) -> Callable:
                 return {
                     "failed": True,
                     "error": f"{name}: {type(e).__name__}: {e}",
-                    "traceback": traceback.format_exc(limit=8),
+                    "traceback": traceback.format_exc(),
                 }
             return {**meta, "cached": False, "seconds": time.perf_counter() - start}
 
@@ -75,18 +78,22 @@ def stage(name: str) -> Callable:
     return decorate
 
 
-def _context(cell: Cell, device: str, spec: ModelSpec | None = None, **extra: Any) -> Context:
+def context(cell: Cell, device: str, spec: ModelSpec | None = None, **extra: Any) -> Context:
+    """The context a plug-in hook of `cell` runs in (data splits are cached per process)."""
     dataset = DatasetCfg(**cell.dataset)
-    data = load_splits(dataset)
-    spec = spec or ModelSpec(cell.arch, data.num_classes, data.channels, data.image_size)
-    return Context(
-        data=data, train=TrainCfg(**cell.train), spec=spec, device=device, seed=cell.seed, **extra
-    )
+    splits = load_splits(dataset)
+    spec = spec or ModelSpec(cell.arch, splits.num_classes, splits.channels, splits.image_size)
+    extra.setdefault("seed", cell.seed)
+    return Context(data=splits, train=TrainCfg(**cell.train), spec=spec, device=device, **extra)
+
+
+def _inputs(artifacts: ArtifactStore, names, metas, device: str) -> dict[str, Artifact]:
+    return {n: Artifact(artifacts, m, device) for n, m in zip(names, metas, strict=True)}
 
 
 @stage("train_victim")
 def train_victim(cell: Cell, key: str, artifacts: ArtifactStore, device: str) -> dict:
-    ctx = _context(cell, device)
+    ctx = context(cell, device)
     seed_everything(cell.seed)
     model = ctx.create_model()
     stats = train_task_model(model, ctx.data.owner, ctx.train, device, cell.seed)
@@ -98,65 +105,81 @@ def train_victim(cell: Cell, key: str, artifacts: ArtifactStore, device: str) ->
     return artifacts.save("train_victim", key, meta, model=model)
 
 
+def _aux(cell: Cell, key: str, artifacts: ArtifactStore, device: str, *deps: dict, name: str):
+    """A declared aux step: its needs loaded as `ctx.inputs`; a scenario-level step (no needs)
+    runs with seed 0, so whichever cell computes it first gets the same result."""
+    plugin, step = plugin_of_stage(cell, name)
+    inputs = _inputs(artifacts, [need_name(n) for n in step.needs], deps, device)
+    ctx = context(cell, device, inputs=inputs, seed=cell.seed if step.needs else 0)
+    seed_everything(ctx.seed)
+    out = step.run(ctx)
+    meta = {**out.meta, "spec": out.spec.to_dict() if out.spec is not None else None}
+    return artifacts.save(name, key, meta, model=out.model, secret=out.secret)
+
+
 @stage("embed")
 def embed(
     cell: Cell, key: str, artifacts: ArtifactStore, device: str, victim: dict, *deps: dict
 ) -> dict:
-    ctx = _context(cell, device, artifacts=artifacts)
-    model, _ = artifacts.load_model(victim, device)
-    method = create_method(cell.method, cell.method_params)
+    method = method_of(cell)
+    names = [need_name(n) for n in method.needs()]
+    ctx = context(cell, device, inputs=_inputs(artifacts, names, deps, device))
+    model = Artifact(artifacts, victim, device).model()
     seed_everything(cell.seed)
-    out = method.embed(model, ctx, list(deps), artifacts)
-    marked, secret = out[:2]
-    spec = out[2] if len(out) > 2 else ModelSpec(**victim["spec"])  # a method may add structure
-    score = method.verify(marked, secret, ctx)
+    out = method.embed(model, ctx)
+    spec = out.spec or ModelSpec(**victim["spec"])  # a method may add structure
+    score = method.verify(out.model, out.secret, ctx)
     meta = {
         "spec": spec.to_dict(),
-        "task_score": task_score(marked, ctx.data.test, device),
-        "wm": asdict(score),
-        # a method's own stages computed for this embedding (ISN, stage-1 training, keys)
+        "task_score": task_score(out.model, ctx.data.test, device),
+        "wm": {"score": score.score, "detected": bool(score.detected),
+               "threshold": score.threshold, "metrics": dict(score.metrics)},
+        "inputs": {n: [d["stage"], d["key"]] for n, d in zip(names, deps, strict=True)},
+        # the plug-in's aux steps computed for this embedding (ISN, stage-1 training, keys)
         "aux_seconds": {
             d["stage"]: d["seconds"]
             for d in deps
             if d.get("stage", "").startswith("aux/") and "seconds" in d
         },
-    }
-    if marked is model and not _changed(victim, marked, artifacts):
-        return artifacts.save(
-            "embed", key, meta, model_ref=tuple(victim["model_ref"]), secret=secret
-        )
-    return artifacts.save("embed", key, meta, model=marked, secret=secret)
+    }  # fmt: skip
+    return _save_model(artifacts, "embed", key, meta, out.model, model, victim, out.secret)
 
 
-def _aux(cell: Cell, key: str, artifacts: ArtifactStore, device: str, *deps: dict, step: str):
-    ctx = _context(cell, device, artifacts=artifacts)
-    seed_everything(cell.seed)
-    method = create_method(cell.method, cell.method_params)
-    return method.run_aux(step, cell, ctx, artifacts, key, list(deps))
+def _save_model(artifacts, stage_name, key, meta, new, given, upstream: dict, secret) -> dict:
+    """Save `new`, or only a reference to the upstream weights when it is unchanged."""
+    if new is given and not _changed(upstream, new, artifacts):
+        ref = tuple(upstream["model_ref"])
+        return artifacts.save(stage_name, key, meta, model_ref=ref, secret=secret)
+    return artifacts.save(stage_name, key, meta, model=new, secret=secret)
 
 
 def _changed(meta: dict, model, artifacts: ArtifactStore) -> bool:
-    """Whether `model` differs from the weights `meta` points to (methods may edit in place)."""
-    stored, _ = artifacts.load_model(meta)
-    ref, new = stored.state_dict(), model.state_dict()
-    if ref.keys() != new.keys():  # structure added (passport layers, a residual TLP)
+    """Whether `model` differs from the weights `meta` points to (plug-ins may edit in place)."""
+    ref, new = artifacts.load_state(meta), model.state_dict()
+    if ref.keys() != new.keys():  # structure added (a method's layers or wrapper)
         return True
     return any(not ref[k].equal(new[k].detach().cpu()) for k in ref)
 
 
+def marked_artifact(artifacts: ArtifactStore, marked: dict, device: str) -> Artifact:
+    """The embed artifact with the inputs its method was given (verify sees them again)."""
+    return Artifact(artifacts, marked, device).with_inputs()
+
+
 @stage("attack")
-def attack(cell: Cell, key: str, artifacts: ArtifactStore, device: str, marked: dict) -> dict:
-    model, spec = artifacts.load_model(marked, device)
-    ctx = _context(cell, device, spec, artifacts=artifacts, marked=marked)
+def attack(
+    cell: Cell, key: str, artifacts: ArtifactStore, device: str, marked: dict, *deps: dict
+) -> dict:
+    plugin = attack_of(cell)
+    names = [s.name for s in plugin.aux_steps()]
+    handle = marked_artifact(artifacts, marked, device)
+    model, spec = handle.model(), handle.spec
+    inputs = _inputs(artifacts, names, deps, device)
+    ctx = context(cell, device, spec, inputs=inputs, marked=handle)
     seed_everything(cell.seed)
-    out = create_attack(cell.attack, cell.attack_params).apply(model, ctx)
-    attacked, out_spec = out[:2]
-    evidence = out[2] if len(out) > 2 else None  # forged passports, keys: artifacts only
-    meta = {"spec": out_spec.to_dict(), "evidence": evidence is not None}
-    if attacked is model and not _changed(marked, attacked, artifacts):
-        ref = tuple(marked["model_ref"])
-        return artifacts.save("attack", key, meta, model_ref=ref, secret=evidence)
-    return artifacts.save("attack", key, meta, model=attacked, secret=evidence)
+    out = plugin.apply(model, ctx)
+    meta = {"spec": (out.spec or spec).to_dict(), "evidence": out.evidence is not None}
+    return _save_model(artifacts, "attack", key, meta, out.model, model, marked, out.evidence)
 
 
 def verify(
@@ -173,9 +196,9 @@ def verify(
     except TransientError:
         raise
     except Exception as e:  # noqa: BLE001
-        bad = {"error": f"verify: {type(e).__name__}: {e}"}
+        bad = {"error": f"verify: {type(e).__name__}: {e}", "traceback": traceback.format_exc()}
     if bad is not None:
-        row.update(status="failed", error=bad["error"])
+        row.update(status="failed", error=bad["error"], traceback=bad.get("traceback"))
     seconds = {
         m["stage"]: m["seconds"]
         for m in (victim, marked, attacked)
@@ -213,14 +236,22 @@ def base_row(c: Cell, device: str, run: dict) -> dict[str, Any]:
     }
 
 
-def _measure(c: Cell, store: str, device: str, victim: dict, marked: dict, attacked: dict) -> dict:
+def verify_context(c: Cell, store: str, device: str, marked: dict, attacked: dict | None = None):
+    """The model under test, the method's secret and the context its `verify` runs in."""
     artifacts = ArtifactStore(store)
-    model, spec = artifacts.load_model(attacked, device)
-    has_evidence = attacked.get("evidence")
-    evidence = artifacts.load_secret("attack", attacked["key"]) if has_evidence else None
-    ctx = _context(c, device, spec, artifacts=artifacts, marked=marked, evidence=evidence)
-    method = create_method(c.method, c.method_params)
-    secret = artifacts.load_secret("embed", marked["key"]) if method.wm_metric else {}
+    handle = marked_artifact(artifacts, marked, device)
+    suspect = Artifact(artifacts, attacked or marked, device)
+    evidence = suspect.secret() if attacked and attacked.get("evidence") else None
+    ctx = context(
+        c, device, suspect.spec, inputs=handle.inputs, marked=handle, evidence=evidence
+    )
+    secret = handle.secret() if method_of(c).wm_metric else {}
+    return suspect.model(), secret, ctx
+
+
+def _measure(c: Cell, store: str, device: str, victim: dict, marked: dict, attacked: dict) -> dict:
+    model, secret, ctx = verify_context(c, store, device, marked, attacked)
+    method = method_of(c)
     score = method.verify(model, secret, ctx)
     ctx_metric = TASK_METRIC[ctx.task]
     image = image_scores(model, ctx.data.test, device) if ctx.task == "image2image" else {}
@@ -254,10 +285,9 @@ STAGES: dict[str, Callable] = {"train_victim": train_victim, "embed": embed, "at
 
 
 def get_stage(name: str) -> Callable:
-    """A stage function by name; `aux/<step>` names a method's own stage (made on first use)."""
+    """A stage function by name; `aux/<plugin>/<step>` names a plug-in's own step."""
     if name not in STAGES and name.startswith("aux/"):
-        step = name.removeprefix("aux/")
-        STAGES[name] = stage(name)(functools.partial(_aux, step=step))
+        STAGES[name] = stage(name)(functools.partial(_aux, name=name))
     return STAGES[name]
 
 
@@ -272,8 +302,6 @@ def run_job(job: Job, store: str, device: str, done: dict[str, dict] | None = No
 
 def run_cell(cell: Cell, store: str, device: str = "cpu", run: dict | None = None) -> dict:
     """All stages of one cell in this process (tests, debugging); writes and returns its row."""
-    from results.store import write_row
-
     done: dict[str, dict] = {}
     attack_job = cell.attack_job()
     embed_job = attack_job.deps[0]

@@ -1,16 +1,20 @@
 """The shared train / evaluate / distill loops.
 
 Data lives as uint8 tensors in memory and is cast per batch; on CUDA the loop uses bf16
-autocast and channels_last. One loop (`fit`) serves supervised training, fine-tuning and
-distillation: only the targets and the loss differ.
+autocast and channels_last. One optimisation loop (`train_loop`) runs every training in the
+harness, each a per-batch loss function; `fit` on top of it serves supervised training,
+fine-tuning and distillation: only the targets and the loss differ.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
+import operator
 import random
 import time
 from collections.abc import Callable, Iterable
+from typing import Any
 
 import numpy as np
 import torch
@@ -19,6 +23,7 @@ import torch.nn.functional as F
 
 from harness.data import Split
 from harness.errors import CellFailed
+from harness.image_metrics import SSIM_WINDOW, psnr, ssim
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -56,6 +61,102 @@ def random_shift(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     return padded[..., i : i + x.shape[-2], j : j + x.shape[-1]]
 
 
+def train_loop(
+    loss_fn: Callable[[Any], torch.Tensor | dict[str, torch.Tensor]],
+    opt: torch.optim.Optimizer,
+    *,
+    n: int | None = None,
+    batch_size: int = 1,
+    epochs: int = 1,
+    steps: int | None = None,
+    generator: torch.Generator | None = None,
+    batch: Callable[[Any], Any] | None = None,
+    device: torch.device | str = "cpu",
+    amp: bool = True,
+    modules: Iterable[nn.Module] = (),
+    freeze_bn: bool = False,
+    clip: float | None = None,
+    cosine: bool = True,
+    after_step: Callable[[], None] | None = None,
+) -> dict[str, float]:
+    """The one optimisation loop: every training in the harness is a loss function given to it.
+
+    Two modes. With `n` (examples): `epochs` passes, each over a fresh `torch.randperm(n,
+    generator=generator)` order sliced into ceil(n / batch_size) batches (the last partial);
+    the loss function gets the batch's indices. With `steps` instead: that many steps, the
+    loss function gets the step number and draws its own batch (it counts as `batch_size`
+    examples in the statistics).
+
+    Per step: `batch(indices or step)` if given (outside autocast: loading, casting,
+    augmenting - draws from `generator` come after that epoch's permutation, in step order),
+    then `loss_fn(that)` under `autocast(device, amp)` (bf16 on CUDA only); it returns a scalar
+    loss, or a dict of named scalar terms whose sum (in order) is the loss. A non-finite loss
+    raises `CellFailed`. Then zero_grad, backward, a gradient-norm clip at `clip` over the
+    optimiser's parameters (None: none), the optimiser step, a cosine LR step (`cosine`,
+    T_max = all steps) and `after_step()` (e.g. a discriminator update).
+
+    `modules` are put in train mode (eval mode with `freeze_bn`) and, on CUDA,
+    channels_last before the first step, and in eval mode after the last.
+
+    Returns the mean per example of the loss (and of each named term), `seconds`,
+    `images_per_s` and `steps`."""
+    if (n is None) == (steps is None):
+        raise ValueError("give either `n` (examples, with epochs) or `steps`, not both")
+    modules = list(modules)
+    channels_last = torch.device(device).type == "cuda"
+    for m in modules:
+        if channels_last:
+            m.to(memory_format=torch.channels_last)
+        m.train(not freeze_bn)
+    params = [q for group in opt.param_groups for q in group["params"]]
+    if n is not None:
+        per_epoch = -(-n // batch_size)
+        plan = [(e, s) for e in range(epochs) for s in range(per_epoch)]
+    else:
+        plan = [(None, s) for s in range(steps)]
+    sched = None
+    if cosine:
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, len(plan)))
+    totals: dict[str, float] = {"loss": 0.0}
+    start, seen, order = time.perf_counter(), 0, None
+    for epoch, step in plan:
+        if epoch is None:
+            arg, size = step, batch_size
+        else:
+            if step == 0:
+                order = torch.randperm(n, generator=generator)
+            arg = order[step * batch_size : (step + 1) * batch_size]
+            size = len(arg)
+        if batch is not None:
+            arg = batch(arg)
+        with autocast(device, amp):
+            out = loss_fn(arg)
+        terms = out if isinstance(out, dict) else {}
+        loss = functools.reduce(operator.add, terms.values()) if isinstance(out, dict) else out
+        if not torch.isfinite(loss):
+            where = f"step {step}" if epoch is None else f"epoch {epoch}, step {step}"
+            raise CellFailed(f"non-finite loss ({loss.item()}) at {where}")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if clip is not None:
+            torch.nn.utils.clip_grad_norm_(params, clip)
+        opt.step()
+        if sched is not None:
+            sched.step()
+        if after_step is not None:
+            after_step()
+        seen += size
+        totals["loss"] += loss.item() * size
+        for name, value in terms.items():
+            totals[name] = totals.get(name, 0.0) + value.item() * size
+    for m in modules:
+        m.eval()
+    seconds = time.perf_counter() - start
+    stats = {name: value / max(seen, 1) for name, value in totals.items()}
+    stats.update(seconds=seconds, images_per_s=seen / max(seconds, 1e-9), steps=len(plan))
+    return stats
+
+
 def fit(
     model: nn.Module,
     x: torch.Tensor,
@@ -70,7 +171,8 @@ def fit(
     lr: float | None = None,
     freeze_bn: bool = False,
 ) -> dict[str, float]:
-    """Mini-batch training with SGD (or Adam) and a cosine schedule; NaN loss fails the cell."""
+    """Mini-batch training with SGD (or Adam) and a cosine schedule (`train_loop`): the
+    model's outputs against `targets[batch]` under `loss_fn`; NaN loss fails the cell."""
     epochs = cfg.epochs if epochs is None else epochs
     lr = cfg.lr if lr is None else lr
     params = list(model.parameters() if params is None else params)
@@ -78,36 +180,19 @@ def fit(
         opt = torch.optim.SGD(params, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     else:
         opt = torch.optim.Adam(params, lr=lr, weight_decay=cfg.weight_decay)
-    n = len(targets)
-    steps_per_epoch = max(1, -(-n // cfg.batch_size))
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, epochs * steps_per_epoch))
     gen = torch.Generator().manual_seed(seed)
-    model.train(not freeze_bn)
-    start, seen, loss_sum = time.perf_counter(), 0, 0.0
-    for epoch in range(epochs):
-        order = torch.randperm(n, generator=gen)
-        for step in range(steps_per_epoch):
-            idx = order[step * cfg.batch_size : (step + 1) * cfg.batch_size]
-            xb, tb = as_float(x[idx], device), targets[idx].to(device, non_blocking=True)
-            if cfg.augment:
-                xb = random_shift(xb, gen)
-            with autocast(device, cfg.amp):
-                loss = loss_fn(model(xb).float(), tb)
-            if not torch.isfinite(loss):
-                raise CellFailed(f"non-finite loss ({loss.item()}) at epoch {epoch}, step {step}")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            seen += len(idx)
-            loss_sum += loss.item() * len(idx)
-    model.eval()
-    seconds = time.perf_counter() - start
-    return {
-        "loss": loss_sum / max(seen, 1),
-        "seconds": seconds,
-        "images_per_s": seen / max(seconds, 1e-9),
-    }
+
+    def batch(idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        xb, tb = as_float(x[idx], device), targets[idx].to(device, non_blocking=True)
+        return (random_shift(xb, gen) if cfg.augment else xb), tb
+
+    def loss(b: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        return loss_fn(model(b[0]).float(), b[1])
+
+    return train_loop(
+        loss, opt, n=len(targets), batch_size=cfg.batch_size, epochs=epochs, generator=gen,
+        batch=batch, device=device, amp=cfg.amp, modules=[model], freeze_bn=freeze_bn,
+    )  # fmt: skip
 
 
 def train_classifier(
@@ -147,8 +232,6 @@ def predict_images(model: nn.Module, x: torch.Tensor, device, batch_size: int = 
 def image_scores(model: nn.Module, data: Split, device) -> dict[str, float]:
     """Mean PSNR (dB) and, on images the SSIM window fits, mean SSIM of the outputs against
     the targets, from one pass over the data."""
-    from harness.image_metrics import SSIM_WINDOW, psnr, ssim
-
     out, target = predict_images(model, data.x, device), as_float(data.y)
     values = psnr(out, target)
     scores = {"psnr": values[values.isfinite()].mean().item()}

@@ -1,10 +1,13 @@
-"""`harness tune`: plain Optuna ask/tell in the driver; each trial's cells go through the
-same scheduler (K trials' cells in flight together) and land as ordinary Parquet rows that
-carry the trial number.
+"""`harness tune`: plain Optuna ask/tell in the driver over the parameters of any method or
+attack of the scenario; each trial's cells go through the same scheduler (K trials' cells in
+flight together) and land as ordinary Parquet rows that carry the trial number.
 
-Objective: mean discriminability relative to the natural-image control over the scenario's
-(source, target) pairs. Constraints (`trial.set_constraint`, feasible when <= 0): minimum
-key SSIM >= `tune.ssim_min`, and at least `tune.min_keys` accepted keys per key set.
+The objective is a figure the tuned plug-in declares (`Plugin.tune_figures` over the trial's
+rows: its row metrics aggregated as declared, table-level figures such as discriminative
+samples' `disc_rel`, and the generic ones: watermark score, detection, removal, task drop).
+Constraints (`trial.set_constraint`, feasible when <= 0) bound any such figure. A resumed
+study re-seeds its sampler with the number of trials it already holds, so it never replays
+the draws of the trials before it.
 """
 
 from __future__ import annotations
@@ -18,11 +21,16 @@ from pathlib import Path
 
 import optuna
 import yaml
+from optuna.storages import JournalStorage
+from optuna.storages.journal import JournalFileBackend
 
-from harness.cells import Cell, expand_cells
-from harness.config import Scenario
+from harness.attacks import ATTACKS
+from harness.cells import Cell
+from harness.config import Scenario, SearchRange
 from harness.errors import ConfigError
+from harness.grid import expand_cells
 from harness.methods import METHODS
+from results import load
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -30,10 +38,9 @@ optuna.logging.set_verbosity(optuna.logging.WARNING)
 @dataclass
 class TrialResult:
     number: int
-    params: dict[str, float]
+    params: dict[str, object]
     value: float | None
-    ssim_min: float
-    n_keys: float
+    figures: dict[str, float]  # the objective's and the constraints' figures
     state: str
 
 
@@ -53,25 +60,23 @@ def default_storage(store: str) -> str:
 def open_study(name: str, storage: str | None, store: str, scenario: Scenario) -> optuna.Study:
     """Create or resume the study; trials a killed driver left RUNNING are marked FAIL."""
     if storage is None or "://" not in storage:
-        from optuna.storages import JournalStorage
-        from optuna.storages.journal import JournalFileBackend
-
         backend = JournalFileBackend(storage or default_storage(store))
         storage_obj: optuna.storages.BaseStorage | str = JournalStorage(backend)
     else:
         storage_obj = storage
     tune = scenario.tune
-    sampler = (
-        optuna.samplers.TPESampler(seed=tune.seed, n_startup_trials=4)
-        if tune.sampler == "tpe"
-        else optuna.samplers.RandomSampler(seed=tune.seed)
-    )
     study = optuna.create_study(
         study_name=name,
         storage=storage_obj,
-        sampler=sampler,
-        direction="maximize",
+        direction=direction(scenario),
         load_if_exists=True,
+    )
+    # A sampler seeded afresh would replay the draws of the trials already held: offset it.
+    seed = tune.seed + len(study.get_trials(deepcopy=False))
+    study.sampler = (
+        optuna.samplers.TPESampler(seed=seed, n_startup_trials=4)
+        if tune.sampler == "tpe"
+        else optuna.samplers.RandomSampler(seed=seed)
     )
     for stale in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
         if not _driver_alive(stale.user_attrs.get("driver")):
@@ -102,30 +107,55 @@ def _driver_alive(driver: str | None) -> bool:
     return int(pid) != os.getpid()
 
 
-def baseline(scenario: Scenario) -> dict[str, float]:
-    """The scenario's own values (or the method's defaults) of the searched parameters."""
+def plugin_class(scenario: Scenario):
     tune = scenario.tune
-    base = next(m for m in scenario.methods if m.name == tune.method)
-    defaults = METHODS.get(tune.method).Params()
-    values = {name: base.params.get(name, getattr(defaults, name)) for name in tune.space}
-    return {
-        k: v
-        for k, v in values.items()
-        if isinstance(v, (int, float)) and tune.space[k].low <= v <= tune.space[k].high
-    }
+    return (METHODS if tune.kind == "method" else ATTACKS).get(tune.target)
 
 
-def trial_scenario(scenario: Scenario, trial: optuna.Trial) -> tuple[Scenario, dict[str, float]]:
-    """The scenario with the tuned method's parameters drawn for this trial."""
+def objective_name(scenario: Scenario) -> str:
+    return scenario.tune.objective or plugin_class(scenario).default_objective()
+
+
+def direction(scenario: Scenario) -> str:
+    """The tune section's, else the declared metric's (higher-is-better: maximise)."""
     tune = scenario.tune
-    drawn = {
-        name: trial.suggest_float(name, r.low, r.high, log=r.log) for name, r in tune.space.items()
-    }
-    methods = [
-        m.model_copy(update={"params": {**m.params, **drawn}}) if m.name == tune.method else m
-        for m in scenario.methods
+    if tune.direction:
+        return tune.direction
+    metric = plugin_class(scenario).declared().get(objective_name(scenario))
+    return "minimize" if metric is not None and metric.higher_is_better is False else "maximize"
+
+
+def _components(scenario: Scenario):
+    return scenario.methods if scenario.tune.kind == "method" else scenario.attacks
+
+
+def baseline(scenario: Scenario) -> dict[str, object]:
+    """The scenario's own values (or the plug-in's defaults) of the searched parameters."""
+    tune = scenario.tune
+    base = next(c for c in _components(scenario) if c.name == tune.target)
+    defaults = plugin_class(scenario).Params().model_dump(mode="json")
+    values = {name: base.params.get(name, defaults[name]) for name in tune.space}
+    return {k: v for k, v in values.items() if tune.space[k].contains(v)}
+
+
+def suggest(trial: optuna.Trial, name: str, space: SearchRange):
+    if space.choices is not None:
+        return trial.suggest_categorical(name, space.choices)
+    if space.type == "int":
+        return trial.suggest_int(name, int(space.low), int(space.high), log=space.log)
+    return trial.suggest_float(name, space.low, space.high, log=space.log)
+
+
+def trial_scenario(scenario: Scenario, trial: optuna.Trial) -> tuple[Scenario, dict[str, object]]:
+    """The scenario with the tuned plug-in's parameters drawn for this trial."""
+    tune = scenario.tune
+    drawn = {name: suggest(trial, name, space) for name, space in tune.space.items()}
+    comps = [
+        c.model_copy(update={"params": {**c.params, **drawn}}) if c.name == tune.target else c
+        for c in _components(scenario)
     ]
-    return scenario.model_copy(update={"methods": methods}), drawn
+    field = "methods" if tune.kind == "method" else "attacks"
+    return scenario.model_copy(update={field: comps}), drawn
 
 
 def trial_label(scenario: Scenario, number: int) -> str:
@@ -138,29 +168,35 @@ def trial_cells(scenario: Scenario, number: int) -> list[Cell]:
     return [replace(c, scenario=label, trial=number) for c in expand_cells(scenario)]
 
 
-def evaluate(df, scenario: Scenario) -> tuple[float | None, float, float]:
-    """(objective, worst key SSIM, fewest keys) of one trial's rows."""
-    from results.analysis import discriminability
+def evaluate(df, scenario: Scenario) -> dict[str, float]:
+    """The tuned plug-in's figures over one trial's rows (NaN where none)."""
+    return plugin_class(scenario).tune_figures(df)
 
-    disc = discriminability(df)
-    if disc.empty or disc["disc_rel"].isna().all():
-        return None, float("nan"), 0.0
-    return (
-        float(disc["disc_rel"].mean()),
-        float(disc["ssim_min"].min()),
-        float(disc["n_keys"].min()),
-    )
+
+def constraint_values(scenario: Scenario, figures: dict[str, float]) -> dict[str, float]:
+    """Each constraint as Optuna wants it (<= 0: met); a figure that could not be measured
+    counts as violated."""
+    out = {}
+    for name, (op, bound) in scenario.tune.bounds().items():
+        value = figures.get(name, float("nan"))
+        if not math.isfinite(value):
+            out[name] = 1.0
+        else:
+            out[name] = bound - value if op == ">=" else value - bound
+    return out
 
 
 def finish(study: optuna.Study, trial: optuna.Trial, df, scenario: Scenario, drawn) -> TrialResult:
-    tune = scenario.tune
-    value, ssim_min, n_keys = evaluate(df, scenario)
+    figures = evaluate(df, scenario)
+    name = objective_name(scenario)
+    value = figures.get(name, float("nan"))
     ok = value is not None and math.isfinite(value)
-    trial.set_constraint("ssim_min", tune.ssim_min - ssim_min if math.isfinite(ssim_min) else 1.0)
-    trial.set_constraint("min_keys", tune.min_keys - n_keys)
+    for cname, cvalue in constraint_values(scenario, figures).items():
+        trial.set_constraint(cname, cvalue)
     state = optuna.trial.TrialState.COMPLETE if ok else optuna.trial.TrialState.FAIL
     study.tell(trial, value if ok else None, state=state)
-    return TrialResult(trial.number, drawn, value, ssim_min, n_keys, state.name)
+    shown = {k: figures.get(k, float("nan")) for k in (name, *scenario.tune.constraints)}
+    return TrialResult(trial.number, drawn, value if ok else None, shown, state.name)
 
 
 def tune(
@@ -174,8 +210,6 @@ def tune(
     on_trial: Callable[[TrialResult, optuna.Study], None] | None = None,
 ) -> optuna.Study:
     """Run until the study holds `trials` finished trials (resuming an existing study)."""
-    from results import load
-
     study = open_study(scenario.name, storage, store, scenario)
     attempts = 0
     while (done := _finished(study)) < trials and attempts < 2 * trials:
@@ -207,7 +241,10 @@ def best_feasible(study: optuna.Study) -> optuna.trial.FrozenTrial | None:
         for t in study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
         if all(v <= 0 for v in t.constraints.values())
     ]
-    return max(feasible, key=lambda t: t.value) if feasible else None
+    if not feasible:
+        return None
+    sign = 1 if study.direction == optuna.study.StudyDirection.MAXIMIZE else -1
+    return max(feasible, key=lambda t: sign * t.value)
 
 
 def best_fragment_path(store: str, scenario: Scenario) -> Path:
@@ -220,14 +257,18 @@ def write_best(study: optuna.Study, scenario: Scenario, path: Path) -> dict | No
     if best is None:
         return None
     tune = scenario.tune
-    base = next(m for m in scenario.methods if m.name == tune.method)
-    params = METHODS.get(tune.method).Params(**{**base.params, **best.params})
+    base = next(c for c in _components(scenario) if c.name == tune.target)
+    params = plugin_class(scenario).Params(**{**base.params, **best.params})
     values = params.model_dump(mode="json", exclude_defaults=True)
-    values.update({name: getattr(params, name) for name in tune.space})  # tuned: always shown
-    fragment = {"methods": [{"name": tune.method, "params": values}]}
+    dumped = params.model_dump(mode="json")
+    values.update({name: dumped[name] for name in tune.space})  # tuned: always shown
+    entry = {"name": tune.target, "params": values}
+    if tune.kind == "attack" and base.role is not None:
+        entry["role"] = base.role
+    fragment = {"methods" if tune.kind == "method" else "attacks": [entry]}
     header = (
         f"# best feasible trial {best.number} of study {study.study_name!r}: "
-        f"disc_rel {best.value:.4f}\n"
+        f"{objective_name(scenario)} {best.value:.4f}\n"
     )
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(header + yaml.safe_dump(fragment, sort_keys=False))

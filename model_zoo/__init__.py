@@ -10,6 +10,8 @@ import torch.nn as nn
 
 from harness.errors import UnknownNameError
 from harness.registry import Registry, close_match
+from model_zoo.image2image import barrier_wrapper, check_image2image, create_image2image
+from model_zoo.passport import passport_wrapper
 
 OWN_MODELS: Registry = Registry("model_zoo network")
 # name -> fn(model, spec, **wrapper_params) -> model: structure a method adds to a network
@@ -46,8 +48,6 @@ def list_archs() -> list[str]:
 
 def check_arch(name: str, image2image: bool = False) -> None:
     if image2image:
-        from model_zoo.image2image import check_image2image
-
         return check_image2image(name)
     if name in OWN_MODELS or name in _timm_names():
         return
@@ -74,8 +74,6 @@ def create_model(spec: ModelSpec) -> nn.Module:
 
 def _create_base(spec: ModelSpec) -> nn.Module:
     if spec.num_classes == 0:
-        from model_zoo.image2image import create_image2image
-
         return create_image2image(spec.arch, spec.in_chans, spec.in_chans)
     check_arch(spec.arch)
     if spec.arch in OWN_MODELS:
@@ -154,10 +152,5 @@ class MLPHead(nn.Module):
         )
 
 
-def _register_wrappers() -> None:
-    from model_zoo import image2image
-
-    WRAPPERS.register("barrier")(image2image.barrier_wrapper)
-
-
-_register_wrappers()
+WRAPPERS.register("barrier")(barrier_wrapper)
+WRAPPERS.register("passport")(passport_wrapper)

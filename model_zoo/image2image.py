@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from harness.errors import UnknownNameError
+from harness.errors import ConfigError, UnknownNameError
 from harness.registry import close_match
 
 
@@ -371,8 +371,6 @@ def check_image2image(name: str) -> None:
 def check_image_size(name: str, size: int, channels: int = 3) -> None:
     """Fail early where a network cannot take `size` x `size` images (a U-Net's depth, a
     stride schedule): one eval-mode forward of a blank image, before any task starts."""
-    from harness.errors import ConfigError
-
     net = create_image2image(name, channels, channels).eval()
     try:
         with torch.no_grad():

@@ -194,3 +194,12 @@ def isn_loss(
         parts["neg_key"] = F.relu(neg_margin - F.mse_loss(isn.reveal(stego, wrong), secret))
         total = total + neg_weight * parts["neg_key"]
     return {**parts, "total": total}
+
+
+def load_isn(artifact) -> ISN:
+    """The ISN a stored aux artifact holds (its meta's ``isn`` config and its weights), on the
+    CPU in eval mode. `artifact` is anything with ``meta`` and ``state()``."""
+    cfg = artifact.meta["isn"]
+    isn = ISN(cfg["blocks"], cfg["channels"], cfg["growth"])
+    isn.load_state_dict(artifact.state())
+    return isn.eval()

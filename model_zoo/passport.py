@@ -445,12 +445,3 @@ def passport_wrapper(
         add_residual_tlp(model)
     return model
 
-
-def _register_wrapper() -> None:
-    from model_zoo import WRAPPERS
-
-    if "passport" not in WRAPPERS:
-        WRAPPERS.register("passport")(passport_wrapper)
-
-
-_register_wrapper()

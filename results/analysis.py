@@ -59,103 +59,50 @@ def summary(df: pd.DataFrame, by: tuple[str, ...] = ("method", "attack")) -> pd.
     return agg.reset_index()
 
 
-def _metric(df: pd.DataFrame, name: str) -> pd.Series:
+def metric(df: pd.DataFrame, name: str) -> pd.Series:
+    """One figure of the rows' `metrics` maps as a float column (NaN where a row lacks it)."""
     return df["metrics"].map(lambda m: (m or {}).get(name, float("nan"))).astype(float)
 
 
-def discriminability(df: pd.DataFrame) -> pd.DataFrame:
-    """Per (source, target) pair of the discriminative-samples method: key accuracy under the
-    benign modifications minus under the malicious ones, beside the same figure for natural
-    test images (the control) and their difference `disc_rel` — how much more the keys
-    separate benign from malicious than natural images do."""
-    d = df[(df["status"] == "ok") & df["attack_role"].isin(["benign", "malicious"])]
-    d = d[d["wm_metric"] == "key_acc"]
+def ok_rows(df: pd.DataFrame, method: str | None = None, attack: str | None = None):
+    """The ok rows, of one method / attack if named."""
+    keep = df["status"].eq("ok")
+    if method is not None:
+        keep &= df["method"].eq(method)
+    if attack is not None:
+        keep &= df["attack"].eq(attack)
+    return df[keep]
+
+
+# Figures every plug-in's rows have (tuning objectives and constraints may name them):
+GENERIC_FIGURES = {
+    "wm_score": "watermark score after the attack (mean)",
+    "wm_detected": "share of cells whose watermark is detected after the attack",
+    "wm_removed": "share of cells where WRT's removal rule holds",
+    "task_score": "task score of the attacked model (mean)",
+    "task_drop": "task score of the marked model minus the attacked one's (mean)",
+    "embed_drop": "task score of the victim minus the marked model's (mean): embedding cost",
+}
+
+
+def aggregate_metrics(df: pd.DataFrame, metrics=()) -> dict[str, float]:
+    """One figure per generic name and per declared row metric over a group of rows (e.g. a
+    tuning trial's), each aggregated as declared; NaN where no row has it."""
+    d = df[df["status"] == "ok"] if "status" in df else df
     if d.empty:
-        return pd.DataFrame()
-    params = d["method_params"].map(json.loads)
-    d = d.assign(
-        source=[p.get("source_arch") or a for p, a in zip(params, d["arch"], strict=True)],
-        target=d["arch"],
-        settings=label(d, "method", "method_params"),
-        control_acc=_metric(d, "control_acc"),
-        ssim_min=_metric(d, "ssim_min"),
-        ssim_mean=_metric(d, "ssim_mean"),
-        n_keys=_metric(d, "n_keys"),
-    )
-    keys = ["scenario", "settings", "source", "target"]
-    by_role = d.groupby([*keys, "attack_role"])[["wm_score_attacked", "control_acc"]].mean()
-    wide = by_role.unstack("attack_role")
-    out = pd.DataFrame(
-        {
-            "key_acc_unmodified": d.groupby(keys)["wm_score_marked"].mean(),
-            "key_benign": wide[("wm_score_attacked", "benign")],
-            "key_malicious": wide[("wm_score_attacked", "malicious")],
-            "control_benign": wide[("control_acc", "benign")],
-            "control_malicious": wide[("control_acc", "malicious")],
-            "ssim_min": d.groupby(keys)["ssim_min"].min(),
-            "ssim_mean": d.groupby(keys)["ssim_mean"].mean(),
-            "n_keys": d.groupby(keys)["n_keys"].min(),
-        }
-    )
-    out["disc"] = out["key_benign"] - out["key_malicious"]
-    out["disc_control"] = out["control_benign"] - out["control_malicious"]
-    out["disc_rel"] = out["disc"] - out["disc_control"]
-    return out.reset_index()
-
-
-def output_watermarking(df: pd.DataFrame) -> pd.DataFrame:
-    """Per setting of the output-watermarking method and per attack: the success rate (share of
-    outputs whose extraction has NC > 0.95), mean NC and centred NC, the false-positive rate on
-    clean images, the served model's invisibility (PSNR / SSIM of B' vs B) and the attacked
-    model's task PSNR. Rows of `surrogate` with `outputs: unmarked` are the control: their
-    success rate is the false-positive rate on a surrogate of unmarked outputs."""
-    d = df[(df["status"] == "ok") & (df["wm_metric"] == "success_rate")]
-    if d.empty:
-        return pd.DataFrame()
-    attack = d["attack_params"].map(lambda p: json.loads(p or "{}"))
-    d = d.assign(
-        settings=label(d, "method", "method_params"),
-        attack=label(d, "attack", "attack_params"),
-        outputs=attack.map(lambda p: p.get("outputs", "marked")),
-        **{m: _metric(d, m) for m in ("nc", "centred_nc", "fp_clean")},
-        wm_psnr=_metric(d, "wm_psnr_marked"),
-        wm_ssim=_metric(d, "wm_ssim_marked"),
-    )
-    out = d.groupby(["settings", "attack", "outputs"]).agg(
-        cells=("cell_id", "size"),
-        success_rate=("wm_score_attacked", "mean"),
-        nc=("nc", "mean"),
-        centred_nc=("centred_nc", "mean"),
-        fp_clean=("fp_clean", "mean"),
-        wm_psnr=("wm_psnr", "mean"),
-        wm_ssim=("wm_ssim", "mean"),
-        task_psnr=("task_score_attacked", "mean"),
-    )
-    return out.reset_index()
-
-
-PASSPORT_METRICS = (
-    "acc_dep", "acc_ver", "acc_gap", "forged_detection", "forged_detection_owner_bits",
-    "forged_acc_ver", "reveal_psnr", "reveal_key_gap_db", "forged_reveal_psnr",
-    "forged_key_reveal_psnr",
-)  # fmt: skip
-
-
-def passports(df: pd.DataFrame) -> pd.DataFrame:
-    """Steganographic Passport per arch and attack: the owner's signature detection, both
-    branches' accuracy and their gap, what a forged passport scores against its own hash's bits
-    (and against the owner's), and the licence check (reveal PSNR with the genuine key, its
-    margin over wrong keys, and what forged licences / keys reveal)."""
-    d = df[(df["status"] == "ok") & (df["wm_metric"] == "signature_detection")]
-    if d.empty:
-        return pd.DataFrame()
-    d = d.assign(
-        attack=label(d, "attack", "attack_params"),
-        detected=d["wm_detected"].astype(float),
-        **{m: _metric(d, m) for m in PASSPORT_METRICS},
-    )
-    aggs = {m: (m, "mean") for m in PASSPORT_METRICS}
-    out = d.groupby(["arch", "attack"]).agg(
-        detection=("wm_score_attacked", "mean"), detected=("detected", "mean"), **aggs
-    )
-    return out.dropna(axis=1, how="all").reset_index()
+        return {name: float("nan") for name in [*GENERIC_FIGURES, *(m.name for m in metrics)]}
+    out = {
+        "wm_score": float(pd.to_numeric(d["wm_score_attacked"]).mean()),
+        "wm_detected": float(d["wm_detected"].astype(float).mean()),
+        "wm_removed": float(metric(d, "wm_removed").mean()),
+        "task_score": float(d["task_score_attacked"].mean()),
+        "task_drop": float((d["task_score_marked"] - d["task_score_attacked"]).mean()),
+        "embed_drop": float((d["task_score_clean"] - d["task_score_marked"]).mean()),
+    }
+    wm_metric = d["wm_metric"].dropna()
+    if len(wm_metric):
+        out[str(wm_metric.iloc[0])] = out["wm_score"]
+    for m in metrics:
+        if m.level == "row":
+            out[m.name] = float(getattr(metric(d, m.name), m.agg)())
+    return out

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-SCHEMA_VERSION = 2  # 2: attack_role
+SCHEMA_VERSION = 3  # 2: attack_role; 3: traceback
 
 _str, _f64 = pa.string(), pa.float64()
 _map = pa.map_(pa.string(), pa.float64())
@@ -29,6 +29,7 @@ SCHEMA = pa.schema(
         pa.field("seed", pa.int64()),
         pa.field("status", _str),  # "ok" | "failed"
         pa.field("error", _str),
+        pa.field("traceback", _str),  # a failed cell's Python traceback (schema 3)
         pa.field("task_metric", _str),
         pa.field("task_score_clean", _f64),
         pa.field("task_score_marked", _f64),

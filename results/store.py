@@ -22,7 +22,7 @@ import pyarrow.dataset as ds
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from harness.artifacts import atomic_write, exists, open_store
+from harness.fs import atomic_write, exists, open_store
 from results.schema import COLUMNS, SCHEMA, SCHEMA_VERSION
 
 FAILED_SUFFIX = ".failed.parquet"

@@ -1,42 +1,45 @@
-"""The attack interface; `identity` is its do-nothing default."""
+"""The attack interface; `identity` is its do-nothing default.
+
+Lifecycle: ``Params``, ``check_data`` and ``check_arch`` run in the driver at validation, as
+for methods. In the worker's ``attack`` stage (once per marked model x attack params) the
+engine loads the marked model, seeds every RNG with the cell's seed, hands ``apply`` a context
+whose data are the ATTACKER's split only (``ctx.data.attacker``; ``ctx.marked`` is the embed
+artifact, for attacks that read what a licensed user holds) and saves the `Attacked` result.
+"""
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import torch.nn as nn
-from pydantic import BaseModel
 
 from harness.context import Context
-from harness.methods.base import NoParams
-from model_zoo import ModelSpec
+from harness.plugin import Attacked, Metric, Plugin
+from harness.registry import Registry
 
 
-class Attack:
-    name: ClassVar[str]
-    version: ClassVar[str] = "1"
-    Params: ClassVar[type[BaseModel]] = NoParams
-    tasks: ClassVar[tuple[str, ...]] = ("classification",)  # models it applies to
+class Attack(Plugin):
+    kind = "attack"
     # Methods whose models it targets (ambiguity attacks need passport layers); None: any.
     methods: ClassVar[tuple[str, ...] | None] = None
+    # `harness tune` on an attack: maximise removal (WRT's rule) under a task-drop constraint
+    objective = "wm_removed"
 
-    def __init__(self, params: dict[str, Any] | None = None) -> None:
-        self.params = self.Params(**(params or {}))
+    @classmethod
+    def default_objective(cls) -> str | None:
+        return cls.objective
 
-    def check_data(self, dataset) -> None:
-        """Raise a ConfigError (field: the parameter's name) if these params cannot work on
-        `dataset` (a DatasetCfg); runs at validation, before any task starts."""
-
-    def check_arch(self, arch: str, dataset) -> None:
-        """As `check_data`, for each arch of the scenario (the victim the attack receives)."""
-
-    def apply(
-        self, model: nn.Module, ctx: Context
-    ) -> tuple[nn.Module, ModelSpec] | tuple[nn.Module, ModelSpec, dict[str, Any]]:
-        """Modify (or replace) the marked model using only the attacker's split.
-
-        A third element, if returned, is the attack's evidence (forged passports, keys): saved
-        with its artifacts (never in a row) and handed to the method's `verify` as
-        `ctx.evidence`. `ctx.marked` is the embed stage's meta: public artifacts a method
-        publishes (e.g. an ISN that licences are checked with) are reachable through it."""
+    def apply(self, model: nn.Module, ctx: Context) -> Attacked:
+        """Modify (or replace) the marked model using only the attacker's split."""
         raise NotImplementedError
+
+
+ATTACKS: Registry[type[Attack]] = Registry("attack", Attack)
+register = ATTACKS.register
+
+
+def create_attack(name: str, params: dict | None = None) -> Attack:
+    return ATTACKS.get(name)(params)
+
+
+__all__ = ["ATTACKS", "Attack", "Attacked", "Metric", "create_attack", "register"]

@@ -6,8 +6,9 @@ from __future__ import annotations
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from harness.attacks import Attack, register
+from harness.attacks.base import Attack, Attacked, register
 from harness.training import fit, kd_loss, predict_logits
+from model_zoo import check_arch
 
 
 class DistillParams(BaseModel):
@@ -24,8 +25,6 @@ class DistillParams(BaseModel):
     @field_validator("student_arch")
     @classmethod
     def _known_arch(cls, v: str | None) -> str | None:
-        from model_zoo import check_arch
-
         if v is not None:
             check_arch(v)  # a ConfigError (a ValueError) keeps its hint through pydantic
         return v
@@ -35,6 +34,10 @@ class DistillParams(BaseModel):
 class Distill(Attack):
     Params = DistillParams
     version = "2"  # 1 ignored `epochs`
+
+    @classmethod
+    def tiny_params(cls) -> dict:
+        return {"epochs": 1, "student_arch": "lenet"}
 
     def apply(self, model, ctx):
         p = self.params
@@ -60,4 +63,4 @@ class Distill(Attack):
             lr=p.lr,
             loss_fn=loss,
         )
-        return student, spec
+        return Attacked(student, spec)

@@ -11,7 +11,7 @@ from typing import Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from harness.attacks import Attack, register
+from harness.attacks.base import Attack, Attacked, register
 from harness.training import fit
 
 
@@ -43,6 +43,10 @@ def train_on_attacker_data(
 class FineTune(Attack):
     Params = FineTuneParams
 
+    @classmethod
+    def tiny_params(cls) -> dict:
+        return {"epochs": 1}
+
     def apply(self, model, ctx):
         p = self.params
         if p.mode.startswith("rt"):
@@ -60,4 +64,4 @@ class FineTune(Attack):
             params=params,
             freeze_bn=last_layer,
         )
-        return model, ctx.spec
+        return Attacked(model)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from harness.attacks import Attack, register
+from harness.attacks.base import Attack, Attacked, register
 
 
 @register("identity")
@@ -10,4 +10,4 @@ class Identity(Attack):
     tasks = ("classification", "image2image")
 
     def apply(self, model, ctx):
-        return model, ctx.spec
+        return Attacked(model)

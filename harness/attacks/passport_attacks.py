@@ -23,10 +23,11 @@ import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 
-from harness.attacks import Attack, register
+from harness.attacks.base import Attack, Attacked, register
 from harness.data import photo_patches
-from harness.methods.steg_passport import to_uint8
-from harness.training import as_float, autocast, random_shift
+from harness.image_metrics import to_uint8
+from harness.training import as_float, random_shift, train_loop
+from model_zoo.isn import load_isn
 from model_zoo.passport import (
     Mode,
     add_residual_tlp,
@@ -37,11 +38,6 @@ from model_zoo.passport import (
 )
 
 METHOD = ("steg_passport",)
-
-
-def _secret(ctx) -> dict:
-    """The embed artifact's material (the attacks below say which parts they use)."""
-    return ctx.artifacts.load_secret("embed", ctx.marked["key"])
 
 
 def _forged_images(kind: str, channels: int, size: int, seed: int) -> torch.Tensor:
@@ -86,7 +82,7 @@ class RandomPassport(Attack):
             "passport_gamma": images[0],
             "passport_beta": images[1],
         }
-        return model, spec, evidence
+        return Attacked(model, spec, evidence)
 
 
 class ErbParams(BaseModel):
@@ -107,6 +103,10 @@ class ErbAmbiguity(Attack):
     Params = ErbParams
     methods = METHOD
 
+    @classmethod
+    def tiny_params(cls) -> dict:
+        return {"epochs": 1}
+
     def apply(self, model, ctx):
         _require_passports(model)
         p, spec, device = self.params, ctx.spec, ctx.device
@@ -125,23 +125,25 @@ class ErbAmbiguity(Attack):
         split = ctx.data.attacker
         data = split.take(max(1, round(p.data_fraction * len(split))), seed=ctx.seed)
         gen = torch.Generator().manual_seed(ctx.seed)
-        bs = ctx.train.batch_size
-        for _ in range(p.epochs):
-            order = torch.randperm(len(data), generator=gen)
-            for i in range(0, len(data), bs):
-                idx = order[i : i + bs]
-                xb, yb = as_float(data.x[idx], device), data.y[idx].to(device)
-                if ctx.train.augment:
-                    xb = random_shift(xb, gen)
-                _install(model, torch.sigmoid(logits), grad=True)
-                model.eval()  # statistics stay the stolen model's; only the forgery learns
-                set_mode(model, Mode.VERIFICATION)
-                with autocast(device, ctx.train.amp):
-                    loss = F.cross_entropy(model(xb).float(), yb)
-                set_mode(model, Mode.DEPLOYMENT)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
+
+        def batch(idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            xb, yb = as_float(data.x[idx], device), data.y[idx].to(device)
+            if ctx.train.augment:
+                xb = random_shift(xb, gen)
+            _install(model, torch.sigmoid(logits), grad=True)
+            model.eval()  # statistics stay the stolen model's; only the forgery learns
+            set_mode(model, Mode.VERIFICATION)
+            return xb, yb
+
+        def loss_fn(b: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+            loss = F.cross_entropy(model(b[0]).float(), b[1])
+            set_mode(model, Mode.DEPLOYMENT)
+            return loss
+
+        train_loop(
+            loss_fn, opt, n=len(data), batch_size=ctx.train.batch_size, epochs=p.epochs,
+            generator=gen, batch=batch, device=device, amp=ctx.train.amp, cosine=False,
+        )  # fmt: skip
         for q in model.parameters():
             q.requires_grad_(True)
         images = to_uint8(torch.sigmoid(logits))
@@ -152,7 +154,7 @@ class ErbAmbiguity(Attack):
             "passport_gamma": images[0],
             "passport_beta": images[1],
         }
-        return model.eval(), spec.replace(wrapper_params=wrapper), evidence
+        return Attacked(model.eval(), spec.replace(wrapper_params=wrapper), evidence)
 
 
 class ForgeParams(BaseModel):
@@ -163,24 +165,20 @@ class ForgeParams(BaseModel):
 
 
 def _isn_and_user(ctx, user: int):
-    from harness.methods.steg_passport import load_isn
-
-    secret = _secret(ctx)
+    """The owner's ISN (public with the embed artifact) and the embed secret's material (the
+    attacks below say which parts of it they use: what a licensed user holds)."""
+    secret = ctx.marked.secret()
     n = len(secret["user_passports"])
     if user >= n:
         raise ValueError(f"`user` must be below the {n} issued licences but got {user}")
-    return load_isn(ctx.artifacts, secret["isn"]).to(ctx.device), secret
+    return load_isn(ctx.marked.inputs["isn"]).to(ctx.device), secret
 
 
 def _optimise(init: torch.Tensor, loss_fn, steps: int, lr: float) -> torch.Tensor:
     """Adam on an image kept in [0, 1] through a sigmoid."""
     logits = torch.logit(init.clamp(1e-3, 1 - 1e-3)).detach().requires_grad_(True)
     opt = torch.optim.Adam([logits], lr=lr)
-    for _ in range(steps):
-        loss = loss_fn(torch.sigmoid(logits))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+    train_loop(lambda _: loss_fn(torch.sigmoid(logits)), opt, steps=steps, amp=False, cosine=False)
     return torch.sigmoid(logits).detach()
 
 
@@ -197,6 +195,10 @@ class ForgedUserPassport(Attack):
 
     Params = ForgedUserPassportParams
     methods = METHOD
+
+    @classmethod
+    def tiny_params(cls) -> dict:
+        return {"steps": 5}
 
     def apply(self, model, ctx):
         p = self.params
@@ -220,7 +222,7 @@ class ForgedUserPassport(Attack):
             "forged_id": to_uint8(forged_id[0]),
             "user": p.user,
         }
-        return model, ctx.spec, evidence
+        return Attacked(model, evidence=evidence)
 
 
 @register("forged_key")
@@ -230,6 +232,10 @@ class ForgedKey(Attack):
 
     Params = ForgeParams
     methods = METHOD
+
+    @classmethod
+    def tiny_params(cls) -> dict:
+        return {"steps": 5}
 
     def apply(self, model, ctx):
         p = self.params
@@ -241,4 +247,4 @@ class ForgedKey(Attack):
         init = torch.rand(stego.shape, generator=g).to(dev)
         key = _optimise(init, lambda k: F.mse_loss(isn.reveal(stego, k), target), p.steps, p.lr)
         evidence = {"kind": "forged_key", "key": key[0].cpu(), "user": p.user}
-        return model, ctx.spec, evidence
+        return Attacked(model, evidence=evidence)

@@ -9,7 +9,7 @@ import torch.nn as nn
 import torch.nn.utils.prune as tprune
 from pydantic import BaseModel, ConfigDict, Field
 
-from harness.attacks import Attack, register
+from harness.attacks.base import Attack, Attacked, register
 from harness.attacks.fine_tune import train_on_attacker_data
 
 
@@ -46,4 +46,4 @@ class Prune(Attack):
             train_on_attacker_data(model, ctx, p.data_fraction, p.fine_tune_epochs, p.lr)
             for (module, _), mask in zip(prunable(model), masks, strict=True):
                 module.weight.data[mask] = 0.0
-        return model, ctx.spec
+        return Attacked(model)

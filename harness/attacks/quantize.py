@@ -12,7 +12,7 @@ from typing import Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from harness.attacks import Attack, register
+from harness.attacks.base import Attack, Attacked, register
 from harness.attacks.prune import prunable
 
 
@@ -39,4 +39,4 @@ class Quantize(Attack):
         per_channel = self.params.granularity == "per_channel"
         for module, _ in prunable(model):
             module.weight.data = fake_quantize(module.weight.data, self.params.bits, per_channel)
-        return model, ctx.spec
+        return Attacked(model)

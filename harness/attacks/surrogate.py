@@ -12,7 +12,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from harness.attacks import Attack, register
+from harness.attacks.base import Attack, Attacked, register
 from harness.errors import ConfigError
 from harness.image_training import GAN_MIN_SIZE, quantised_outputs, train_image_model
 from model_zoo.image2image import (
@@ -48,6 +48,10 @@ class Surrogate(Attack):
     Params = SurrogateParams
     tasks = ("image2image",)
 
+    @classmethod
+    def tiny_params(cls) -> dict:
+        return {"arch": "cnet@8", "epochs": 1}
+
     def check_data(self, dataset) -> None:
         try:
             check_image_size(self.params.arch, dataset.image_size, dataset.channels)
@@ -74,4 +78,4 @@ class Surrogate(Attack):
             batch_size=ctx.train.batch_size, device=ctx.device, seed=ctx.seed,
             gan_weight=p.gan_weight, amp=ctx.train.amp,
         )  # fmt: skip
-        return student, ctx.spec.replace(arch=p.arch, wrapper=None, wrapper_params=None)
+        return Attacked(student, ctx.spec.replace(arch=p.arch, wrapper=None, wrapper_params=None))

@@ -1,68 +1,85 @@
-"""The watermark-method interface; `none` is its do-nothing default."""
+"""The watermark-method interface; `none` is its do-nothing default.
+
+Lifecycle of one cell, and what the engine does around each hook (after Optuna's
+``BaseSampler`` docstrings):
+
+1. Driver, at validation: ``Params`` validates each grid point (defaults filled in; they are
+   part of the keys); ``check_data`` and ``check_arch`` refuse what the method cannot take.
+2. Driver, building the stage DAG: ``aux_steps()`` and ``needs()`` are read per cell; the engine
+   keys every aux step and victim and submits each distinct key once.
+3. Worker, ``embed`` stage (once per victim x params): the engine loads the victim and each
+   need (``ctx.inputs[name]``), seeds every RNG with the cell's seed, calls ``embed``, then
+   ``verify`` on the marked model, measures its task score and saves model and secret.
+4. Worker, ``verify`` stage (once per cell): the engine loads the attacked model, the secret
+   and ``ctx.inputs`` (as ``embed`` saw them) and, if the attack left any, ``ctx.evidence``;
+   ``verify`` returns a `WatermarkScore`. The engine writes the row, with the task scores,
+   the marked model's figures (suffix ``_marked``) and WRT's removal rule.
+
+Any exception in a hook becomes a failed row with its traceback; ``TransientError`` (storage
+I/O) is retried by Ray instead.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch.nn as nn
-from pydantic import BaseModel, ConfigDict
 
 from harness.context import Context
+from harness.plugin import (
+    Attacked,
+    AuxOutput,
+    AuxStep,
+    Embedded,
+    Metric,
+    Need,
+    NoParams,
+    Plugin,
+    VictimRef,
+    WatermarkScore,
+)
+from harness.registry import Registry
 
 
-class NoParams(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-@dataclass
-class WatermarkScore:
-    """A verification outcome; `score` is None for methods with nothing to verify."""
-
-    score: float | None
-    detected: bool
-    threshold: float | None = None
-    metrics: dict[str, float] = field(default_factory=dict)
-
-
-class Method:
-    name: ClassVar[str]
-    version: ClassVar[str] = "1"
-    Params: ClassVar[type[BaseModel]] = NoParams
+class Method(Plugin):
+    kind = "method"
+    # The figure `verify` returns as its score (None: nothing to verify, the control).
     wm_metric: ClassVar[str | None] = None
     # False for non-intrusive methods (keys verify an unchanged model), where "an unmarked
     # model is not detected" does not apply: the unmarked model *is* the protected one.
     marks_weights: ClassVar[bool] = True
-    # The kind of model it protects: "classification" (labels) or "image2image" (image pairs).
-    tasks: ClassVar[tuple[str, ...]] = ("classification",)
 
-    def __init__(self, params: dict[str, Any] | None = None) -> None:
-        self.params = self.Params(**(params or {}))
+    @classmethod
+    def default_objective(cls) -> str | None:
+        """What `harness tune` maximises unless told: the plug-in's `objective`, else the
+        watermark score after the scenario's attacks."""
+        return cls.objective or cls.wm_metric
 
-    def check_data(self, dataset) -> None:
-        """Raise a ConfigError (field: the parameter's name) if these params cannot work on
-        `dataset` (a DatasetCfg); runs at validation, before any task starts."""
+    def needs(self) -> tuple[Need, ...]:
+        """What ``embed`` reads besides its victim, as ``ctx.inputs[name]``: aux steps (by
+        name) and other victims (`VictimRef`: null models). Default: every aux step."""
+        return tuple(step.name for step in self.aux_steps())
 
-    def check_arch(self, arch: str, dataset) -> None:
-        """Raise a ConfigError (field: the parameter's name) if these params cannot work on
-        `arch` with `dataset` (e.g. passport layers on a stage without BatchNorm); runs at
-        validation for every arch of the scenario, before any task starts."""
-
-    def aux_jobs(self, cell) -> list:
-        """Extra upstream stages the embedding needs (null models, key generation, ...).
-
-        Each is a `harness.cells.Job`; `train_victim` jobs are ordinary victims, `aux/<step>`
-        jobs run `run_aux(step, ...)`. Their metas reach `embed` as `deps`, in this order."""
-        return []
-
-    def run_aux(self, step: str, cell, ctx: Context, artifacts, key: str, deps: list[dict]) -> dict:
-        raise NotImplementedError(f"{self.name} declares no aux step {step!r}")
-
-    def embed(
-        self, victim: nn.Module, ctx: Context, deps: list[dict], artifacts
-    ) -> tuple[nn.Module, dict[str, Any]]:
-        """Return the marked model and the secret key material (saved under artifacts/ only)."""
+    def embed(self, victim: nn.Module, ctx: Context) -> Embedded:
+        """Mark `victim` (trained on the owner's split; yours to change in place) and return
+        it with the secret. Called once per (victim, params) and shared by every attack."""
         raise NotImplementedError
 
-    def verify(self, model: nn.Module, key: dict[str, Any], ctx: Context) -> WatermarkScore:
+    def verify(self, model: nn.Module, secret: dict[str, Any], ctx: Context) -> WatermarkScore:
+        """Score a suspect model: the marked one (right after ``embed``) or an attacked one.
+        Must not modify `model` for good (restore anything it sets)."""
         raise NotImplementedError
+
+
+METHODS: Registry[type[Method]] = Registry("method", Method)
+register = METHODS.register
+
+
+def create_method(name: str, params: dict | None = None) -> Method:
+    return METHODS.get(name)(params)
+
+
+__all__ = [
+    "METHODS", "Attacked", "AuxOutput", "AuxStep", "Embedded", "Method", "Metric", "NoParams",
+    "VictimRef", "WatermarkScore", "create_method", "register",
+]  # fmt: skip

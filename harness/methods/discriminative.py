@@ -20,19 +20,33 @@ modification, since at small scale key accuracy tracks the target's accuracy on 
 
 from __future__ import annotations
 
+import json
 import math
+from dataclasses import replace
 from typing import Any
 
+import pandas as pd
 import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from harness.cells import Job, digest
+from harness.attacks import ATTACKS, create_attack
 from harness.config import ComponentCfg
 from harness.data import Split
 from harness.image_metrics import ssim
-from harness.methods import Method, WatermarkScore, register
+from harness.methods.base import (
+    AuxOutput,
+    AuxStep,
+    Embedded,
+    Method,
+    Metric,
+    VictimRef,
+    WatermarkScore,
+    register,
+)
 from harness.training import as_float, predict_logits
+from model_zoo import check_arch
+from results.analysis import label, metric
 
 DEFAULT_BENIGN_SIM = {"name": "quantize", "params": {"bits": 8, "granularity": "per_tensor"}}
 DEFAULT_MALICIOUS_SIM = {"name": "fine_tune", "params": {"mode": "ftal", "label_noise": 0.5}}
@@ -68,8 +82,6 @@ class DiscriminativeParams(BaseModel):
     @field_validator("source_arch")
     @classmethod
     def _known_arch(cls, v: str | None) -> str | None:
-        from model_zoo import check_arch
-
         if v is not None:
             check_arch(v)
         return v
@@ -84,8 +96,6 @@ class DiscriminativeParams(BaseModel):
     @field_validator("benign_sim", "malicious_sim")
     @classmethod
     def _known_attack(cls, v: ComponentCfg) -> ComponentCfg:
-        from harness.attacks import ATTACKS
-
         ATTACKS.get(v.name).Params(**v.params)
         return v
 
@@ -216,56 +226,73 @@ class Discriminative(Method):
     version = "2"  # 2: fixed control set drawn before the keys; scikit-image-matching SSIM
     wm_metric = "key_acc"
     marks_weights = False
+    metrics = (
+        Metric("key_margin", "mean softmax margin towards the keys' labels", None),
+        Metric("control_acc", "accuracy on the natural-image control under the same change"),
+        Metric("control_margin", "mean margin on the control images", None),
+        Metric("n_keys", "keys accepted (fewest over key sets)", agg="min"),
+        Metric("n_control", "natural control images", None, agg="min"),
+        Metric("ssim_min", "worst key SSIM against its original", agg="min"),
+        Metric("ssim_mean", "mean key SSIM against its original"),
+        Metric("disc", "key accuracy under benign minus under malicious changes", level="table"),
+        Metric("disc_control", "the same for the natural-image control", level="table"),
+        Metric("disc_rel", "disc - disc_control: separation beyond natural images",
+               level="table"),
+    )  # fmt: skip
+    objective = "disc_rel"
+    summary_title = "discriminability (benign - malicious)"
 
-    def source_arch(self, cell) -> str:
-        return self.params.source_arch or cell.arch
+    @classmethod
+    def tiny_params(cls) -> dict:
+        return {"n_keys": 20, "steps": 200, "alpha": 0.002, "n_control": 20}
 
-    def aux_jobs(self, cell) -> list[Job]:
+    def aux_steps(self) -> list[AuxStep]:
         """Keys depend on the source victim (and its simulated copies), never on the target."""
         p = self.params
-        source = cell.victim_job(arch=self.source_arch(cell))
+        source = VictimRef("source", arch=p.source_arch)
         sims = [
-            Job(
-                f"aux/simulate_{role}",
-                digest(["simulate", source.key, sim.model_dump()]),
-                cell,
-                (source,),
-                "train",
-            )
-            for role, sim, w in (
-                ("benign", p.benign_sim, p.w_b),
-                ("malicious", p.malicious_sim, p.w_g),
+            AuxStep(f"simulate_{role}", self._simulator(role), needs=(source,), params=(field,),
+                    resources="train")
+            for role, field, w in (
+                ("benign", "benign_sim", p.w_b),
+                ("malicious", "malicious_sim", p.w_g),
             )
             if w > 0
-        ]
-        keygen_params = p.model_dump(mode="json", exclude={"theta", "source_arch"})
-        key = digest(["keygen", self.version, source.key, keygen_params, [s.key for s in sims]])
-        return [Job("aux/keygen", key, cell, (source, *sims), "embed")]
+        ]  # fmt: skip
+        keygen = AuxStep(
+            "keygen",
+            self._keygen,
+            needs=(source, *(s.name for s in sims)),
+            params="all",
+            exclude=("theta", "source_arch"),
+        )
+        return [*sims, keygen]
 
-    def run_aux(self, step: str, cell, ctx, artifacts, key: str, deps: list[dict]) -> dict:
-        if step.startswith("simulate_"):
-            return self._simulate(step.removeprefix("simulate_"), ctx, artifacts, key, deps[0])
-        return self._keygen(ctx, artifacts, key, deps)
+    def needs(self):
+        return ("keygen",)
 
-    def _simulate(self, role: str, ctx, artifacts, key: str, source_meta: dict) -> dict:
-        """A benign / malicious copy of the source, modified with the OWNER's data only."""
-        from dataclasses import replace
+    def _simulator(self, role: str):
+        def simulate(ctx) -> AuxOutput:
+            """A benign / malicious copy of the source, modified with the OWNER's data only."""
+            sim = self.params.benign_sim if role == "benign" else self.params.malicious_sim
+            source = ctx.inputs["source"]
+            model, spec = source.model(), source.spec
+            owner_ctx = replace(ctx, data=replace(ctx.data, attacker=ctx.data.owner), spec=spec)
+            out = create_attack(sim.name, sim.params).apply(model, owner_ctx)
+            return AuxOutput(model=out.model, spec=out.spec or spec, meta={"role": role})
 
-        from harness.attacks import create_attack
+        return simulate
 
-        sim = self.params.benign_sim if role == "benign" else self.params.malicious_sim
-        model, spec = artifacts.load_model(source_meta, ctx.device)
-        owner_ctx = replace(ctx, data=replace(ctx.data, attacker=ctx.data.owner), spec=spec)
-        copy, out_spec = create_attack(sim.name, sim.params).apply(model, owner_ctx)
-        meta = {"spec": out_spec.to_dict(), "role": role}
-        return artifacts.save(f"aux/simulate_{role}", key, meta, model=copy)
-
-    def _keygen(self, ctx, artifacts, key: str, deps: list[dict]) -> dict:
+    def _keygen(self, ctx) -> AuxOutput:
         """Control first (a fixed seeded draw, so every key set is judged on the same natural
         images), then keys from the rest of the pool."""
         p = self.params
-        source, _ = artifacts.load_model(deps[0], ctx.device)
-        sims = {d["role"]: artifacts.load_model(d, ctx.device)[0] for d in deps[1:]}
+        source = ctx.inputs["source"].model()
+        sims = {
+            role: ctx.inputs[f"simulate_{role}"].model()
+            for role in ("benign", "malicious")
+            if f"simulate_{role}" in ctx.inputs
+        }
         pool = correct_pool(source, ctx.data.test, p.pool_size + p.n_control, ctx.seed, ctx.device)
         control = Split(pool.x[: p.n_control], pool.y[: p.n_control])
         pool = Split(pool.x[p.n_control :], pool.y[p.n_control :])
@@ -281,13 +308,12 @@ class Discriminative(Method):
             "ssim_min": sim_values.min().item() if len(sim_values) else float("nan"),
             "ssim_mean": sim_values.mean().item() if len(sim_values) else float("nan"),
         }
-        return artifacts.save("aux/keygen", key, meta, secret=secret)
+        return AuxOutput(secret=secret, meta=meta)
 
-    def embed(self, victim, ctx, deps: list[dict], artifacts):
-        keygen = deps[0]
-        secret = artifacts.load_secret(keygen["stage"], keygen["key"])
-        stats = {k: keygen[k] for k in ("n_keys", "n_control", "ssim_min", "ssim_mean")}
-        return victim, {**secret, "stats": stats}
+    def embed(self, victim, ctx) -> Embedded:
+        keygen = ctx.inputs["keygen"]
+        stats = {k: keygen.meta[k] for k in ("n_keys", "n_control", "ssim_min", "ssim_mean")}
+        return Embedded(victim, {**keygen.secret(), "stats": stats})
 
     def verify(self, model, key, ctx) -> WatermarkScore:
         acc, key_margin = score(model, key["x"], key["y"], ctx.device)
@@ -302,3 +328,68 @@ class Discriminative(Method):
         return WatermarkScore(
             score=acc, detected=detected, threshold=self.params.theta, metrics=metrics
         )
+
+    # ------------------------------------------------------------------ analysis
+
+    def check_tune(self, scenario, objective: str) -> str | None:
+        roles = {a.role for a in scenario.attacks}
+        if objective in TABLE_FIGURES and not {"benign", "malicious"} <= roles:
+            return (
+                f"{objective} contrasts benign and malicious modifications: the scenario needs "
+                "at least one attack with role: benign and one with role: malicious"
+            )
+        return None
+
+    @classmethod
+    def summary_table(cls, df):
+        """Per (source, target) pair: key accuracy under the benign modifications minus under
+        the malicious ones, beside the same figure for natural test images (the control) and
+        their difference `disc_rel` - how much more the keys separate benign from malicious
+        than natural images do."""
+        d = df[df["attack_role"].isin(["benign", "malicious"])]
+        if d.empty:
+            return None
+        params = d["method_params"].map(json.loads)
+        d = d.assign(
+            source=[p.get("source_arch") or a for p, a in zip(params, d["arch"], strict=True)],
+            target=d["arch"],
+            settings=label(d, "method", "method_params"),
+            **{m: metric(d, m) for m in ("control_acc", "ssim_min", "ssim_mean", "n_keys")},
+        )
+        keys = ["scenario", "settings", "source", "target"]
+        by_role = d.groupby([*keys, "attack_role"])[["wm_score_attacked", "control_acc"]].mean()
+        wide = by_role.unstack("attack_role").reindex(
+            columns=pd.MultiIndex.from_product(
+                [["wm_score_attacked", "control_acc"], ["benign", "malicious"]]
+            )
+        )
+        out = pd.DataFrame(
+            {
+                "key_acc_unmodified": d.groupby(keys)["wm_score_marked"].mean(),
+                "key_benign": wide[("wm_score_attacked", "benign")],
+                "key_malicious": wide[("wm_score_attacked", "malicious")],
+                "control_benign": wide[("control_acc", "benign")],
+                "control_malicious": wide[("control_acc", "malicious")],
+                "ssim_min": d.groupby(keys)["ssim_min"].min(),
+                "ssim_mean": d.groupby(keys)["ssim_mean"].mean(),
+                "n_keys": d.groupby(keys)["n_keys"].min(),
+            }
+        )
+        out["disc"] = out["key_benign"] - out["key_malicious"]
+        out["disc_control"] = out["control_benign"] - out["control_malicious"]
+        out["disc_rel"] = out["disc"] - out["disc_control"]
+        return out.reset_index()
+
+    @classmethod
+    def tune_figures(cls, df) -> dict[str, float]:
+        """The row metrics, plus disc / disc_control / disc_rel averaged over the trial's
+        (source, target) pairs."""
+        figures = super().tune_figures(df)
+        table = cls.summary_table(df[df["status"] == "ok"]) if len(df) else None
+        for name in TABLE_FIGURES:
+            ok = table is not None and not table[name].isna().all()
+            figures[name] = float(table[name].mean()) if ok else float("nan")
+        return figures
+
+
+TABLE_FIGURES = ("disc", "disc_control", "disc_rel")

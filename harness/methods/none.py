@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-from harness.methods import Method, WatermarkScore, register
+from harness.methods.base import Embedded, Method, WatermarkScore, register
 
 
 @register("none")
 class NoWatermark(Method):
     tasks = ("classification", "image2image")
 
-    def embed(self, victim, ctx, deps, artifacts):
-        return victim, {}
+    def embed(self, victim, ctx) -> Embedded:
+        return Embedded(victim)
 
     def verify(self, model, key, ctx) -> WatermarkScore:
         return WatermarkScore(score=None, detected=False)

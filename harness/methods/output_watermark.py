@@ -22,6 +22,7 @@ service returns them) and scores the share of outputs whose extraction has NC > 
 from __future__ import annotations
 
 import functools
+import json
 from typing import Literal
 
 import numpy as np
@@ -29,20 +30,26 @@ import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from harness.cells import Job, digest
-from harness.errors import CellFailed, ConfigError
+from harness.errors import ConfigError
 from harness.image_metrics import centred_nc, nc, psnr, ssim, success_rate
 from harness.image_training import (
     GAN_MIN_SIZE,
     PerceptualLoss,
     adam,
-    cosine,
     lsgan,
     quantised_outputs,
     train_image_model,
 )
-from harness.methods import Method, WatermarkScore, register
-from harness.training import as_float, autocast, predict_images
+from harness.methods.base import (
+    AuxOutput,
+    AuxStep,
+    Embedded,
+    Method,
+    Metric,
+    WatermarkScore,
+    register,
+)
+from harness.training import as_float, autocast, predict_images, train_loop
 from model_zoo.image2image import (
     Barrier,
     Extractor,
@@ -52,6 +59,7 @@ from model_zoo.image2image import (
     create_image2image,
     unet_min_size,
 )
+from results.analysis import label, metric
 
 BUILTIN_WATERMARKS = ("cameraman", "coins", "text")
 MIN_DARK_AREA = 0.4  # plain NC of a white image against a logo is sqrt(1 - dark share)
@@ -114,15 +122,15 @@ def _threshold_dark(grey: np.ndarray, size: int) -> torch.Tensor:
 
 @functools.lru_cache(maxsize=16)
 def builtin_watermark(name: str, size: int) -> torch.Tensor:
-    import skimage.data
-    from skimage.color import rgb2gray
+    import skimage.data  # lazy: start-up time
+    from skimage.color import rgb2gray  # lazy: start-up time
 
     photo = np.asarray(getattr(skimage.data, {"cameraman": "camera"}.get(name, name))())
     return _threshold_dark(rgb2gray(photo) if photo.ndim == 3 else photo, size)
 
 
 def _user_watermark(path: str, size: int) -> torch.Tensor:
-    from PIL import Image
+    from PIL import Image  # lazy: start-up time
 
     try:
         with Image.open(path) as img:
@@ -155,6 +163,50 @@ class OutputWatermark(Method):
     Params = OutputWatermarkParams
     wm_metric = "success_rate"
     tasks = ("image2image",)
+    metrics = (
+        Metric("nc", "mean NC of the extractions against the watermark"),
+        Metric("centred_nc", "mean NC after centring (a blank extraction scores ~0)"),
+        Metric("fp_clean", "false-positive rate on clean inputs and ground truth", False),
+        Metric("nc_clean", "mean NC of clean images' extractions", False),
+        Metric("wm_psnr", "invisibility: served output vs the model's own (dB)", optional=True),
+        Metric("wm_ssim", "invisibility: SSIM of served vs own output", optional=True),
+    )
+    summary_title = "output watermarking (success = share of outputs with NC > 0.95)"
+
+    @classmethod
+    def tiny_params(cls) -> dict:
+        return {
+            "h_width": 8, "r_width": 8, "d_width": 8, "epochs": 20, "lr": 0.002,
+            "batch_size": 8, "sim_arch": "cnet@8", "sim_epochs": 1, "r_epochs": 1,
+        }  # fmt: skip
+
+    @classmethod
+    def summary_table(cls, df):
+        """Per setting and attack: the success rate (share of outputs whose extraction has
+        NC > 0.95), mean NC and centred NC, the false-positive rate on clean images, the served
+        model's invisibility (PSNR / SSIM of B' vs B) and the attacked model's task PSNR. Rows
+        of `surrogate` with `outputs: unmarked` are the control: their success rate is the
+        false-positive rate on a surrogate of unmarked outputs."""
+        attack = df["attack_params"].map(lambda p: json.loads(p or "{}"))
+        d = df.assign(
+            settings=label(df, "method", "method_params"),
+            attack=label(df, "attack", "attack_params"),
+            outputs=attack.map(lambda p: p.get("outputs", "marked")),
+            **{m: metric(df, m) for m in ("nc", "centred_nc", "fp_clean")},
+            wm_psnr=metric(df, "wm_psnr_marked"),
+            wm_ssim=metric(df, "wm_ssim_marked"),
+        )
+        out = d.groupby(["settings", "attack", "outputs"]).agg(
+            cells=("cell_id", "size"),
+            success_rate=("wm_score_attacked", "mean"),
+            nc=("nc", "mean"),
+            centred_nc=("centred_nc", "mean"),
+            fp_clean=("fp_clean", "mean"),
+            wm_psnr=("wm_psnr", "mean"),
+            wm_ssim=("wm_ssim", "mean"),
+            task_psnr=("task_score_attacked", "mean"),
+        )
+        return out.reset_index()
 
     # ------------------------------------------------------------------ validation
 
@@ -199,17 +251,15 @@ class OutputWatermark(Method):
 
     # ------------------------------------------------------------------ stages
 
-    def aux_jobs(self, cell) -> list[Job]:
+    def aux_steps(self) -> list[AuxStep]:
         """Stage 1 depends on the victim and the stage-1 params only: the with / without
         adversarial-stage rows of a grid share it."""
-        stage1 = self.params.model_dump(mode="json", exclude=STAGE2_PARAMS)
-        victim = cell.victim_job()
-        key = digest(["ow_initial", self.version, victim.key, stage1])
-        return [Job("aux/initial", key, cell, (victim,), "embed")]
+        return [AuxStep("initial", self.initial, params="all", exclude=STAGE2_PARAMS)]
 
-    def run_aux(self, step, cell, ctx, artifacts, key, deps):
+    def initial(self, ctx) -> AuxOutput:
         p, data = self.params, ctx.data
-        victim, spec = artifacts.load_model(deps[0], ctx.device)
+        victim_art = ctx.inputs["victim"]
+        victim, spec = victim_art.model(), victim_art.spec
         delta = self.watermark(data.image_size, data.channels)
         wrap = {"width": p.h_width, "depth": p.h_depth}
         spec = spec.replace(wrapper="barrier", wrapper_params=wrap)
@@ -219,18 +269,17 @@ class OutputWatermark(Method):
         extractor = Extractor(data.channels, data.channels, p.r_width).to(ctx.device)
         stats = self._initial(marked, extractor, ctx)
         secret = {"extractor": extractor.state_dict(), "delta": delta, "r_width": p.r_width}
-        meta = {"spec": spec.to_dict(), "train": stats}
-        return artifacts.save(f"aux/{step}", key, meta, model=marked, secret=secret)
+        return AuxOutput(model=marked, spec=spec, secret=secret, meta={"train": stats})
 
-    def embed(self, victim, ctx, deps, artifacts):
-        initial = deps[-1]
-        marked, spec = artifacts.load_model(initial, ctx.device)
-        secret = artifacts.load_secret("aux/initial", initial["key"])
+    def embed(self, victim, ctx) -> Embedded:
+        initial = ctx.inputs["initial"]
+        marked, spec = initial.model(), initial.spec
+        secret = initial.secret()
         if self.params.adversarial:
             extractor = self._extractor(secret, ctx.device)
             self._adversarial(marked, extractor, ctx)
             secret = {**secret, "extractor": extractor.state_dict()}
-        return marked, secret, spec
+        return Embedded(marked, secret, spec)
 
     # ------------------------------------------------------------------ training
 
@@ -245,49 +294,49 @@ class OutputWatermark(Method):
         perceptual = PerceptualLoss(delta.shape[1]).to(dev) if p.lambda2 > 0 else None
         opt = adam([*marked.barrier.parameters(), *extractor.parameters()], p.lr)
         opt_d = adam(disc.parameters(), p.lr) if disc is not None else None
-        sched = cosine(opt, p.epochs * -(-len(owner) // p.batch_size))
+        last: dict[str, torch.Tensor] = {}  # the step's B and B', for the discriminator
 
         def mse(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
             return p.mse_scale * F.mse_loss(a, b)
 
-        gen = torch.Generator().manual_seed(ctx.seed)
-        n, bs = len(b_all), p.batch_size
-        marked.barrier.train()
-        extractor.train()
-        for _ in range(p.epochs):
-            order = torch.randperm(n, generator=gen)
-            for i in range(0, n, bs):
-                idx = order[i : i + bs]
-                a, b = as_float(owner.x[idx], dev), as_float(b_all[idx], dev)
-                with autocast(dev, ctx.train.amp):
-                    marked_b = marked.hide(b).float()
-                    loss = p.lambda1 * mse(marked_b, b)
-                    if perceptual is not None:
-                        loss = loss + p.lambda2 * perceptual(marked_b, b)
-                    if disc is not None:
-                        loss = loss + p.lambda3 * lsgan(disc(marked_b).float(), True)
-                    ext = extractor(marked_b).float()
-                    target = delta.expand_as(ext)
-                    loss = loss + p.lambda4 * mse(ext, target)
-                    blank = delta0.expand(2 * len(idx), -1, -1, -1)
-                    loss = loss + p.lambda5 * mse(extractor(torch.cat([a, b])).float(), blank)
-                    if len(idx) > 1:
-                        loss = loss + p.lambda6 * mse(ext, ext.roll(1, dims=0))
-                _check(loss)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                sched.step()
-                if disc is not None:
-                    with autocast(dev, ctx.train.amp):
-                        real, fake = disc(b).float(), disc(marked_b.detach()).float()
-                        d_loss = lsgan(real, True) + lsgan(fake, False)
-                    opt_d.zero_grad(set_to_none=True)
-                    d_loss.backward()
-                    opt_d.step()
+        def batch(idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            return as_float(owner.x[idx], dev), as_float(b_all[idx], dev)
+
+        def loss_fn(ab: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+            a, b = ab
+            marked_b = marked.hide(b).float()
+            last.update(b=b, marked_b=marked_b)
+            loss = p.lambda1 * mse(marked_b, b)
+            if perceptual is not None:
+                loss = loss + p.lambda2 * perceptual(marked_b, b)
+            if disc is not None:
+                loss = loss + p.lambda3 * lsgan(disc(marked_b).float(), True)
+            ext = extractor(marked_b).float()
+            target = delta.expand_as(ext)
+            loss = loss + p.lambda4 * mse(ext, target)
+            blank = delta0.expand(2 * len(b), -1, -1, -1)
+            loss = loss + p.lambda5 * mse(extractor(torch.cat([a, b])).float(), blank)
+            if len(b) > 1:
+                loss = loss + p.lambda6 * mse(ext, ext.roll(1, dims=0))
+            return loss
+
+        def disc_step() -> None:
+            with autocast(dev, ctx.train.amp):
+                real = disc(last["b"]).float()
+                fake = disc(last["marked_b"].detach()).float()
+                d_loss = lsgan(real, True) + lsgan(fake, False)
+            opt_d.zero_grad(set_to_none=True)
+            d_loss.backward()
+            opt_d.step()
+
+        stats = train_loop(
+            loss_fn, opt, n=len(b_all), batch_size=p.batch_size, epochs=p.epochs,
+            generator=torch.Generator().manual_seed(ctx.seed), batch=batch, device=dev,
+            amp=ctx.train.amp, modules=[marked.barrier, extractor],
+            after_step=disc_step if disc is not None else None,
+        )  # fmt: skip
         marked.eval()
-        extractor.eval()
-        return {"loss": float(loss.item())}
+        return stats
 
     def _adversarial(self, marked: Barrier, extractor: Extractor, ctx) -> None:
         """Simulate the attacker on the owner's data; fine-tune R alone on what it learns."""
@@ -312,24 +361,19 @@ class OutputWatermark(Method):
                               + [torch.zeros(len(t)) for t in negatives])  # fmt: skip
         delta, delta0 = marked.delta, torch.ones_like(marked.delta)
         opt = adam(extractor.parameters(), p.r_lr)
-        sched = cosine(opt, p.r_epochs * -(-len(x) // p.batch_size))
-        gen = torch.Generator().manual_seed(ctx.seed + 2)
-        extractor.train()
-        for _ in range(p.r_epochs):
-            order = torch.randperm(len(x), generator=gen)
-            for i in range(0, len(x), p.batch_size):
-                idx = order[i : i + p.batch_size]
-                pos = is_marked[idx].to(dev).view(-1, 1, 1, 1)
-                target = pos * delta + (1 - pos) * delta0
-                with autocast(dev, ctx.train.amp):
-                    out = extractor(as_float(x[idx], dev)).float()
-                    loss = p.mse_scale * F.mse_loss(out, target)
-                _check(loss)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                sched.step()
-        extractor.eval()
+
+        def batch(idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            pos = is_marked[idx].to(dev).view(-1, 1, 1, 1)
+            return as_float(x[idx], dev), pos * delta + (1 - pos) * delta0
+
+        def loss_fn(b: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+            return p.mse_scale * F.mse_loss(extractor(b[0]).float(), b[1])
+
+        train_loop(
+            loss_fn, opt, n=len(x), batch_size=p.batch_size, epochs=p.r_epochs,
+            generator=torch.Generator().manual_seed(ctx.seed + 2), batch=batch, device=dev,
+            amp=ctx.train.amp, modules=[extractor],
+        )  # fmt: skip
 
     # ------------------------------------------------------------------ verification
 
@@ -365,9 +409,3 @@ class OutputWatermark(Method):
         return WatermarkScore(
             score=rate, detected=rate >= threshold, threshold=threshold, metrics=metrics
         )
-
-
-def _check(loss: torch.Tensor) -> None:
-    if not torch.isfinite(loss):
-        raise CellFailed(f"non-finite loss ({loss.item()})")
-

@@ -37,18 +37,27 @@ import math
 from pathlib import Path
 from typing import Literal
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from harness.cells import Job, digest
 from harness.data import IMAGE_SUFFIXES, photo_patches, photo_sources, random_patch
 from harness.errors import ConfigError
-from harness.image_metrics import psnr, ssim
-from harness.methods import Method, WatermarkScore, register
-from harness.training import as_float, autocast, predict_logits, random_shift
-from model_zoo.isn import ISN, isn_loss
+from harness.image_metrics import psnr, ssim, to_uint8
+from harness.methods.base import (
+    AuxOutput,
+    AuxStep,
+    Embedded,
+    Method,
+    Metric,
+    WatermarkScore,
+    register,
+)
+from harness.training import as_float, predict_logits, random_shift, train_loop
+from model_zoo import ModelSpec, create_model
+from model_zoo.isn import ISN, isn_loss, load_isn
 from model_zoo.passport import (
     Mode,
     PassportNorm,
@@ -60,10 +69,20 @@ from model_zoo.passport import (
     set_passports,
     signature_bits,
 )
+from results.analysis import label, metric
 
 SSIM_MIN_SIDE = 11  # harness.image_metrics.ssim's Gaussian window
 KEY_TEXTURES = ("brick", "grass", "gravel")  # the paper draws keys from a texture set (DTD)
 N_OTHER_KEYS = 8  # natural images tried as wrong keys in the licence check
+TABLE_METRICS = (
+    "acc_dep", "acc_ver", "acc_gap", "forged_detection", "forged_detection_owner_bits",
+    "forged_acc_ver", "reveal_psnr", "reveal_key_gap_db", "forged_reveal_psnr",
+    "forged_key_reveal_psnr",
+)  # fmt: skip
+ISN_PARAMS = (
+    "isn_blocks", "isn_growth", "isn_steps", "isn_lr", "isn_batch", "isn_patch", "isn_pool",
+    "isn_seed", "isn_clip", "neg_weight", "neg_margin",
+)  # fmt: skip  (what the ISN stage depends on, beside the data set)
 
 
 class StegPassportParams(BaseModel):
@@ -137,13 +156,9 @@ def _resize(x: torch.Tensor, size: int) -> torch.Tensor:
     return F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
 
 
-def to_uint8(x: torch.Tensor) -> torch.Tensor:
-    return torch.round(x.detach().float().clamp(0, 1) * 255).to(torch.uint8).cpu()
-
-
 def digit_images(n: int, size: int, seed: int) -> torch.Tensor:
     """n seeded scikit-learn digits as float (n, 3, size, size) images in [0, 1]."""
-    from sklearn.datasets import load_digits
+    from sklearn.datasets import load_digits  # lazy: start-up time
 
     images = torch.from_numpy(load_digits().images).float().div(16.0)
     pick = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))[:n]
@@ -152,8 +167,7 @@ def digit_images(n: int, size: int, seed: int) -> torch.Tensor:
 
 def read_image(path: str, size: int) -> torch.Tensor:
     """A user passport image file as float (1, 3, size, size)."""
-    import numpy as np
-    from PIL import Image
+    from PIL import Image  # lazy: start-up time (a user passport file only)
 
     with Image.open(Path(path).expanduser()) as img:
         arr = np.asarray(img.convert("RGB"), dtype=np.float32) / 255.0
@@ -213,11 +227,11 @@ def train_isn(
     key = owner_key(size, channels, p.isn_seed)  # handed out as an 8-bit image
     isn = ISN(p.isn_blocks, channels, p.isn_growth).to(device)
     opt = torch.optim.Adam(isn.parameters(), lr=p.isn_lr)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=p.isn_steps)
     b = p.isn_batch
     key_dev = key.to(device)
-    isn.train()
-    for step in range(p.isn_steps):
+    parts: dict[str, torch.Tensor] = {}  # the last step's loss terms
+
+    def loss_fn(step: int) -> torch.Tensor:
         idx = torch.randint(0, len(pool), (3 * b,), generator=g)
         cover, secret, others = (pool[idx[i * b : (i + 1) * b]].to(device) for i in range(3))
         # one kind of wrong key per batch: the hinge acts on the batch-mean MSE, where a
@@ -226,33 +240,25 @@ def train_isn(
         if p.neg_weight > 0:
             noise = torch.rand(others.shape, generator=g).to(device)
             wrong = noise if step % 2 == 0 else others
-        parts = isn_loss(
-            isn,
-            cover,
-            secret,
-            key_dev.expand_as(cover),
-            wrong_key=wrong,
-            neg_weight=p.neg_weight,
-            neg_margin=p.neg_margin,
+        parts.update(
+            isn_loss(
+                isn,
+                cover,
+                secret,
+                key_dev.expand_as(cover),
+                wrong_key=wrong,
+                neg_weight=p.neg_weight,
+                neg_margin=p.neg_margin,
+            )
         )
-        if not torch.isfinite(parts["total"]):
-            raise ValueError(f"ISN training diverged (loss {parts['total'].item()}); lower isn_lr")
-        opt.zero_grad(set_to_none=True)
-        parts["total"].backward()
-        if p.isn_clip is not None:
-            torch.nn.utils.clip_grad_norm_(isn.parameters(), p.isn_clip)
-        opt.step()
-        sched.step()
-    isn.eval()
+        return parts["total"]
+
+    train_loop(
+        loss_fn, opt, steps=p.isn_steps, batch_size=b, device=device, amp=False,
+        modules=[isn], clip=p.isn_clip,
+    )  # fmt: skip
     stats = {k: v.item() for k, v in parts.items()}
     return isn, to_uint8(key[0]), stats
-
-
-def load_isn(artifacts, ref: dict) -> ISN:
-    """The ISN an `aux/isn` meta (or the `isn` entry of a secret) points to, on the CPU."""
-    isn = ISN(ref["isn"]["blocks"], ref["isn"]["channels"], ref["isn"]["growth"])
-    isn.load_state_dict(artifacts.load_state(ref))
-    return isn.eval()
 
 
 @torch.no_grad()
@@ -322,54 +328,45 @@ def train_two_branch(
     cfg, device, data = ctx.train, ctx.device, ctx.data.owner
     epochs, lr = p.epochs or cfg.epochs, p.lr or cfg.lr
     layers = passport_layers(model)
-    bits = [b.to(device) for b in layer_bits(layers, images[0])]
+    layer_signatures = [b.to(device) for b in layer_bits(layers, images[0])]
     opt = torch.optim.SGD(
         model.parameters(), lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
     )
-    steps = max(1, -(-len(data) // cfg.batch_size))
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, epochs * steps))
     gen = torch.Generator().manual_seed(ctx.seed)
-    totals = {"ce_dep": 0.0, "ce_ver": 0.0, "sign": 0.0, "balance": 0.0}
-    seen = 0
-    for _ in range(epochs):
-        order = torch.randperm(len(data), generator=gen)
-        for step in range(steps):
-            idx = order[step * cfg.batch_size : (step + 1) * cfg.batch_size]
-            xb, yb = as_float(data.x[idx], device), data.y[idx].to(device)
-            if cfg.augment:
-                xb = random_shift(xb, gen)
-            install(model, images[0], images[1])
-            model.train()
-            with autocast(device, cfg.amp):
-                set_mode(model, Mode.DEPLOYMENT)
-                ce_dep = F.cross_entropy(model(xb).float(), yb)
-                set_mode(model, Mode.VERIFICATION)
-                ce_ver = F.cross_entropy(model(xb).float(), yb)
-                set_mode(model, Mode.DEPLOYMENT)
-                sign = sum(
-                    lay.sign_loss(b, p.sign_margin, p.sign_weight).float()
-                    for lay, b in zip(layers, bits, strict=True)
-                )
-                balance = (
-                    p.balance_weight * sum(lay.balance_loss().float() for lay in layers)
-                    if p.balance
-                    else torch.zeros((), device=xb.device)
-                )
-            loss = ce_dep + ce_ver + sign + balance
-            if not torch.isfinite(loss):
-                raise ValueError(f"non-finite two-branch loss ({loss.item()}); lower lr")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if p.clip is not None:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), p.clip)
-            opt.step()
-            sched.step()
-            for name, v in zip(totals, (ce_dep, ce_ver, sign, balance), strict=True):
-                totals[name] += v.item() * len(idx)
-            seen += len(idx)
+
+    def batch(idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        xb, yb = as_float(data.x[idx], device), data.y[idx].to(device)
+        if cfg.augment:
+            xb = random_shift(xb, gen)
+        install(model, images[0], images[1])
+        model.train()
+        return xb, yb
+
+    def loss_fn(b: tuple[torch.Tensor, torch.Tensor]) -> dict[str, torch.Tensor]:
+        xb, yb = b
+        set_mode(model, Mode.DEPLOYMENT)
+        ce_dep = F.cross_entropy(model(xb).float(), yb)
+        set_mode(model, Mode.VERIFICATION)
+        ce_ver = F.cross_entropy(model(xb).float(), yb)
+        set_mode(model, Mode.DEPLOYMENT)
+        sign = sum(
+            lay.sign_loss(bits, p.sign_margin, p.sign_weight).float()
+            for lay, bits in zip(layers, layer_signatures, strict=True)
+        )
+        balance = (
+            p.balance_weight * sum(lay.balance_loss().float() for lay in layers)
+            if p.balance
+            else torch.zeros((), device=xb.device)
+        )
+        return {"ce_dep": ce_dep, "ce_ver": ce_ver, "sign": sign, "balance": balance}
+
+    stats = train_loop(
+        loss_fn, opt, n=len(data), batch_size=cfg.batch_size, epochs=epochs, generator=gen,
+        batch=batch, device=device, amp=cfg.amp, modules=[model], clip=p.clip,
+    )  # fmt: skip
     install(model, images[0], images[1])
     model.eval()
-    return {k: v / max(seen, 1) for k, v in totals.items()}
+    return {k: stats[k] for k in ("ce_dep", "ce_ver", "sign", "balance")}
 
 
 def probe_plain(model: nn.Module, secret: dict) -> list[PassportNorm] | None:
@@ -392,6 +389,60 @@ class StegPassport(Method):
     Params = StegPassportParams
     version = "1"
     wm_metric = "signature_detection"
+    metrics = (
+        Metric("ber", "bit error rate of the owner's signature (1 - detection)", False),
+        Metric("passport_layers", "passport layers in the suspect (0: a plain network)", None),
+        Metric("acc_dep", "deployment-branch accuracy", optional=True),
+        Metric("acc_ver", "verification-branch accuracy, owner's passport", optional=True),
+        Metric("acc_gap", "|acc_dep - acc_ver| (ownership needs <= acc_gap)", False, optional=True),
+        Metric("detection_current", "detection with the passports the suspect holds",
+               optional=True),
+        Metric("user_detection_owner_bits", "a licence's signs against the owner's bits",
+               None, optional=True),
+        Metric("user_detection_own_hash", "a licence's signs against its own hash's bits",
+               False, optional=True),
+        Metric("reveal_psnr", "ID revealed from a licence with the genuine key (dB)",
+               optional=True),
+        Metric("reveal_key_gap_db", "reveal PSNR of the genuine key over a typical wrong one",
+               optional=True),
+        Metric("forged_detection", "a forged passport's signs against its own hash's bits",
+               False, optional=True),
+        Metric("forged_detection_owner_bits", "a forged passport's signs against the owner's",
+               None, optional=True),
+        Metric("forged_acc_ver", "verification accuracy with the forged passport", None,
+               optional=True),
+        Metric("forged_reveal_psnr", "forged ID revealed from a forged licence (dB)", False,
+               optional=True),
+        Metric("forged_key_reveal_psnr", "genuine ID revealed with a forged key (dB)", False,
+               optional=True),
+    )  # fmt: skip
+    summary_title = "steganographic passport (detection = share of matching signs)"
+
+    @classmethod
+    def tiny_params(cls) -> dict:
+        return {
+            "stages": ["features"], "n_users": 2, "isn_blocks": 1, "isn_growth": 8,
+            "isn_steps": 30, "isn_pool": 32, "lr": 0.05,
+        }  # fmt: skip
+
+    @classmethod
+    def summary_table(cls, df):
+        """Per arch and attack: the owner's signature detection, both branches' accuracy and
+        their gap, what a forged passport scores against its own hash's bits (and against the
+        owner's), and the licence check (reveal PSNR with the genuine key, its margin over
+        wrong keys, and what forged licences / keys reveal)."""
+        shown = TABLE_METRICS
+        d = df.assign(
+            attack=label(df, "attack", "attack_params"),
+            detected=df["wm_detected"].astype(float),
+            **{m: metric(df, m) for m in shown},
+        )
+        out = d.groupby(["arch", "attack"]).agg(
+            detection=("wm_score_attacked", "mean"),
+            detected=("detected", "mean"),
+            **{m: (m, "mean") for m in shown},
+        )
+        return out.dropna(axis=1, how="all").reset_index()
 
     # validation -------------------------------------------------------------------------
 
@@ -423,8 +474,6 @@ class StegPassport(Method):
         """Refuse, before any task starts, an arch whose chosen stages have no BatchNorm2d (or
         a layer wider than the 512 bits one SHA-512 signature holds). Builds the network once,
         never trains it."""
-        from model_zoo import ModelSpec, create_model
-
         spec = ModelSpec(arch, max(2, dataset.num_classes), dataset.channels, dataset.image_size)
         try:
             check_passport_stages(create_model(spec), self.params.stages)
@@ -439,23 +488,11 @@ class StegPassport(Method):
 
     # aux: the ISN -------------------------------------------------------------------------
 
-    def _isn_params(self, dataset: dict) -> dict:
-        keep = ("isn_blocks", "isn_growth", "isn_steps", "isn_lr", "isn_batch", "isn_patch")
-        keep += ("isn_pool", "isn_seed", "isn_clip", "neg_weight", "neg_margin")
-        out = self.params.model_dump(mode="json", include=set(keep))
-        out["isn_patch"] = self.params.isn_patch or dataset.get("image_size", 32)
-        return out
+    def aux_steps(self) -> list[AuxStep]:
+        """One ISN per ISN-parameter set and data set: every cell of a scenario shares it."""
+        return [AuxStep("isn", self.train_isn, needs=(), params=ISN_PARAMS)]
 
-    def aux_jobs(self, cell) -> list[Job]:
-        """One ISN per ISN-parameter set and channel count: every cell of a scenario shares it."""
-        channels = cell.dataset.get("channels", 3)
-        isn = self._isn_params(cell.dataset)
-        key = digest(["steg_passport/isn", self.version, isn, channels])
-        return [Job("aux/isn", key, cell, (), "embed")]
-
-    def run_aux(self, step: str, cell, ctx, artifacts, key: str, deps: list[dict]) -> dict:
-        if step != "isn":
-            return super().run_aux(step, cell, ctx, artifacts, key, deps)
+    def train_isn(self, ctx) -> AuxOutput:
         p = self.params
         size = p.isn_patch or ctx.data.image_size
         isn, key_image, stats = train_isn(p, ctx.data.channels, size, ctx.device)
@@ -472,15 +509,14 @@ class StegPassport(Method):
             "isn": {"blocks": p.isn_blocks, "channels": ctx.data.channels, "growth": p.isn_growth},
             "stats": stats,
         }
-        return artifacts.save("aux/isn", key, meta, model=isn, secret={"key": key_image})
+        return AuxOutput(model=isn, secret={"key": key_image}, meta=meta)
 
     # embed --------------------------------------------------------------------------------
 
-    def embed(self, victim, ctx, deps: list[dict], artifacts):
+    def embed(self, victim, ctx) -> Embedded:
         p, d = self.params, ctx.data
-        isn_meta = deps[0]
-        isn = load_isn(artifacts, isn_meta)
-        key_image = artifacts.load_secret("aux/isn", isn_meta["key"])["key"]
+        isn = load_isn(ctx.inputs["isn"])
+        key_image = ctx.inputs["isn"].secret()["key"]
         if key_image.shape[-1] != d.image_size:  # an ISN trained at another patch size
             key_image = to_uint8(_resize(uint8_float(key_image)[None], d.image_size)[0])
         images = owner_passports(p, d.image_size, d.channels)
@@ -500,11 +536,10 @@ class StegPassport(Method):
             "user_ids": ids,
             "user_passports": user_passports,  # float: the 8-bit round trip is a metric
             "key": key_image,
-            "isn": {"model_ref": list(isn_meta["model_ref"]), "isn": isn_meta["isn"]},
             "stats": {f"train_{k}": float(v) for k, v in stats.items()},
         }
         spec = ctx.spec.replace(wrapper="passport", wrapper_params={"stages": p.stages})
-        return model, secret, spec
+        return Embedded(model, secret, spec)
 
     # verify -------------------------------------------------------------------------------
 
@@ -556,9 +591,9 @@ class StegPassport(Method):
         install(model, users[0], key["passport_beta"])
         out["user_acc_ver"] = branch_accuracy(model, Mode.VERIFICATION, ctx.data.test, ctx.device)
         install(model, key["passport_gamma"], key["passport_beta"])
-        if ctx.artifacts is None:  # the ISN lives in the store
+        if "isn" not in ctx.inputs:  # a bare context (no store): no licence check
             return out
-        isn = load_isn(ctx.artifacts, key["isn"])
+        isn = load_isn(ctx.inputs["isn"])
         size, channels = users.shape[-1], users.shape[1]
         cover = uint8_float(key["passport_gamma"])[None]
         out["stego_psnr"] = psnr(users, cover.expand_as(users)).mean().item()
@@ -607,9 +642,9 @@ class StegPassport(Method):
                 uint8_float(gamma)[None], uint8_float(key["passport_gamma"])[None]
             ).item()
             install(model, key["passport_gamma"], key["passport_beta"])
-        if ctx.artifacts is None or kind not in ("forged_user_passport", "forged_key"):
+        if "isn" not in ctx.inputs or kind not in ("forged_user_passport", "forged_key"):
             return out
-        isn = load_isn(ctx.artifacts, key["isn"])
+        isn = load_isn(ctx.inputs["isn"])
         if kind == "forged_user_passport":
             forged = uint8_float(ev["passport"])[None]
             k = uint8_float(key["key"])[None]
@@ -625,4 +660,4 @@ class StegPassport(Method):
         return out
 
 
-__all__ = ["StegPassport", "StegPassportParams", "install", "load_isn", "uint8_float"]
+__all__ = ["StegPassport", "StegPassportParams", "install", "uint8_float"]

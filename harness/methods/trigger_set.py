@@ -8,15 +8,14 @@ Gaussian on their key accuracy, one-sided at `p_value` (WRT).
 
 from __future__ import annotations
 
-import math
-from statistics import NormalDist
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 
-from harness.methods import Method, WatermarkScore, register
+from harness.decision import binomial_p, null_model_metrics, null_threshold
+from harness.methods.base import Embedded, Method, VictimRef, WatermarkScore, register
 from harness.training import fit, predict_logits
 
 
@@ -52,13 +51,18 @@ def trigger_accuracy(model, key: dict, device) -> float:
 class TriggerSet(Method):
     Params = TriggerSetParams
     wm_metric = "trigger_acc"
+    metrics = null_model_metrics("trigger accuracy")
 
-    def aux_jobs(self, cell) -> list:
+    @classmethod
+    def tiny_params(cls) -> dict:
+        return {"n_keys": 20, "n_null": 2, "epochs": 6}
+
+    def needs(self):
         """Null models: plain victims of the next `n_null` seeds (shared with those cells)."""
-        return [cell.victim_job(seed=cell.seed + 1 + i) for i in range(self.params.n_null)]
+        return tuple(VictimRef(f"null{i}", seed_offset=1 + i) for i in range(self.params.n_null))
 
-    def embed(self, victim, ctx, deps, artifacts):
-        null_models = [artifacts.load_model(m, ctx.device)[0] for m in deps]
+    def embed(self, victim, ctx) -> Embedded:
+        null_models = [ctx.inputs[f"null{i}"].model() for i in range(self.params.n_null)]
         p, d = self.params, ctx.data
         x, y = make_triggers(
             p.n_keys, d.channels, d.image_size, d.num_classes, p.pattern, ctx.seed + 7919
@@ -69,16 +73,12 @@ class TriggerSet(Method):
         fit(victim, train_x, train_y, ctx.train, ctx.device, ctx.seed, epochs=p.epochs, lr=p.lr)
         key = {"x": x, "y": y}
         key.update(self._calibrate(key, null_models, ctx))
-        return victim, key
+        return Embedded(victim, key)
 
     def _calibrate(self, key: dict, null_models, ctx) -> dict[str, float]:
-        accs = torch.tensor([trigger_accuracy(m, key, ctx.device) for m in null_models])
+        accs = [trigger_accuracy(m, key, ctx.device) for m in null_models]
         chance = 1.0 / ctx.data.num_classes
-        # Few null models can agree exactly; the binomial spread of a chance-level model is a floor.
-        floor = math.sqrt(chance * (1 - chance) / self.params.n_keys)
-        mean, std = accs.mean().item(), max(accs.std().item(), floor)
-        threshold = NormalDist(mean, std).inv_cdf(1 - self.params.p_value)
-        return {"threshold": threshold, "null_mean": mean, "null_std": std}
+        return null_threshold(accs, chance, self.params.n_keys, self.params.p_value)
 
     def verify(self, model, key, ctx) -> WatermarkScore:
         acc = trigger_accuracy(model, key, ctx.device)
@@ -86,5 +86,9 @@ class TriggerSet(Method):
             score=acc,
             detected=acc >= key["threshold"],
             threshold=key["threshold"],
-            metrics={"null_mean": key["null_mean"], "null_std": key["null_std"]},
+            metrics={
+                "null_mean": key["null_mean"],
+                "null_std": key["null_std"],
+                "p_value": binomial_p(acc, len(key["y"]), 1.0 / ctx.data.num_classes),
+            },
         )

@@ -25,8 +25,9 @@ from ray.cluster_utils import Cluster
 from ray.util.state import list_tasks
 
 from harness import scheduler
-from harness.cells import expand_cells
 from harness.config import parse_scenario
+from harness.executors import NOOP
+from harness.grid import expand_cells
 
 SCENARIO = {
     "name": "placement",
@@ -134,7 +135,7 @@ def main(work: Path) -> None:
                 cells,
                 str(work / "store"),
                 resources=scenario.resources,
-                executor="noop",
+                executor=NOOP,
             )
         except Exception:  # noqa: BLE001 - reported to the test, which fails on it
             facts["run_cells_error"] = traceback.format_exc()

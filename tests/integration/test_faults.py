@@ -11,8 +11,9 @@ import pytest
 from integration_support import comparable, result_files, tiny_scenario_dict
 
 from harness import scheduler
-from harness.cells import expand_cells
 from harness.config import parse_scenario
+from harness.executors import FaultInjector
+from harness.grid import expand_cells
 from results import load
 from results.store import ok_cell_ids
 
@@ -52,7 +53,7 @@ def test_retried_cell_equals_untroubled_one(untroubled, tmp_path, kind, stage):
         store,
         resources=scenario.resources,
         max_retries=2,
-        env={scheduler.FAULT_ENV: f"{kind}:{stage}:{marker}"},
+        executor=FaultInjector(kind, stage, str(marker)),
     )
     assert (summary.ok, summary.failed) == (1, 0), summary.failures
     assert marker.exists(), "the injected fault never fired"
@@ -88,6 +89,9 @@ def test_deterministic_failure_is_a_failed_row_and_is_retried(ray_session, nan_s
     assert rows.loc[bad.cell_id, "status"] == "failed"
     assert "CellFailed" in rows.loc[bad.cell_id, "error"]
     assert "non-finite loss" in rows.loc[bad.cell_id, "error"]
+    trace = rows.loc[bad.cell_id, "traceback"]  # where in the worker it failed
+    assert trace.startswith("Traceback") and "train_loop" in trace and "CellFailed" in trace
+    assert pd.isna(rows.loc[good.cell_id, "traceback"])
     manifest = json.loads(Path(store, "runs", f"{first.run_id}.json").read_text())
     assert manifest["failed"] == 1 and bad.cell_id in manifest["failures"]
     assert ok_cell_ids(store) == {good.cell_id}  # what resume skips
@@ -117,7 +121,7 @@ def test_worker_lost_for_good_is_a_failed_row_then_retried(ray_session, tiny_sce
         store,
         resources=scenario.resources,
         max_retries=0,
-        env={scheduler.FAULT_ENV: f"crash:verify:{marker}"},
+        executor=FaultInjector("crash", "verify", str(marker)),
     )
     assert (first.ok, first.failed) == (1, 1), first.failures
     assert marker.exists()

@@ -5,10 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from harness import scheduler
-from harness.cells import expand_cells
 from harness.config import parse_scenario
+from harness.grid import expand_cells
+from harness.methods import METHODS
 from results import load
-from results.analysis import output_watermarking
 
 TINY = {
     "name": "tiny_ow",
@@ -47,12 +47,12 @@ def test_output_watermark_grid_runs_on_ray(ray_session, tmp_path):
     assert df["wm_score_attacked"].between(0, 1).all()
     # stage 1 is shared by the with / without adversarial-stage settings; one victim
     artifacts = Path(tmp_path, "artifacts")
-    assert len(list((artifacts / "aux" / "initial").iterdir())) == 1
+    assert len(list((artifacts / "aux" / "output_watermark" / "initial").iterdir())) == 1
     assert len(list((artifacts / "embed").iterdir())) == 2
     assert len(list((artifacts / "train_victim").iterdir())) == 1
     # rows that computed the embedding also carry the aux stage's time
-    assert any("aux/initial" in s for s in df["stage_seconds"])
-    table = output_watermarking(df)
+    assert any("aux/output_watermark/initial" in s for s in df["stage_seconds"])
+    table = METHODS.get("output_watermark").summary_table(df)
     assert len(table) == 8 and set(table["outputs"]) == {"marked", "unmarked"}
     assert table["wm_psnr"].notna().all() and table["fp_clean"].between(0, 1).all()
     # secrets stay in artifacts: no row carries the extractor or the watermark image

@@ -29,8 +29,7 @@ from integration_support import (
 )
 
 from harness import scheduler
-from harness.cells import expand_cells
-from harness.config import load_scenario
+from harness.grid import expand_cells, load_scenario
 from results import load
 
 # 2 methods x 4 attacks = 8 cells, two in flight at a time so that a kill lands midway.

@@ -9,8 +9,8 @@ import pytest
 from integration_support import result_files, stored_cell_ids
 
 from harness import scheduler
-from harness.cells import expand_cells
-from harness.config import ComponentCfg, load_scenario
+from harness.config import ComponentCfg
+from harness.grid import expand_cells, load_scenario
 from results import load
 
 SMOKE = Path(__file__).resolve().parents[2] / "scenarios" / "smoke.yaml"

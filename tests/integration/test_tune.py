@@ -15,7 +15,8 @@ import yaml
 from integration_support import kill_session, tiny_scenario_dict
 
 from harness import scheduler, tuning
-from harness.config import load_scenario, parse_scenario
+from harness.config import parse_scenario
+from harness.grid import load_scenario
 from results import load
 
 TUNE = tiny_scenario_dict(
@@ -33,8 +34,7 @@ TUNE = tiny_scenario_dict(
     tune={
         "method": "discriminative",
         "space": {"w_f": {"low": 0.0, "high": 5.0}},
-        "ssim_min": 0.0,
-        "min_keys": 1,
+        "constraints": {"ssim_min": ">= 0.0", "n_keys": ">= 1"},
     },
 )
 
@@ -59,7 +59,7 @@ def test_three_trials_run_as_cells_and_write_an_includable_best(ray_session, tmp
     assert sorted(set(trials)) == [0.0, 1.0, 2.0]
     assert (df.groupby(trials).size() == 2).all()  # each trial: its two cells, its own rows
     assert set(df["scenario"]) == {f"tune_tiny.trial{i}" for i in range(3)}
-    assert all(t.constraints.keys() == {"ssim_min", "min_keys"} for t in complete)
+    assert all(t.constraints.keys() == {"ssim_min", "n_keys"} for t in complete)
 
     best = tuning.best_feasible(study)
     path = tmp_path / "best.yaml"
@@ -128,3 +128,45 @@ def test_a_killed_tune_resumes_and_finishes_its_trial_count(tmp_path):
     done = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.FAIL)
     assert all(t.state in done for t in study.trials)  # a trial left RUNNING was marked FAIL
     assert "best parameters" in second.stderr
+
+
+ATTACK_TUNE = tiny_scenario_dict(
+    name="tune_attack",
+    methods=[{"name": "trigger_set", "params": {"n_keys": 20, "n_null": 2}}],
+    attacks=[{"name": "prune", "params": {"sparsity": 0.2}}],
+    tune={
+        "attack": "prune",
+        "space": {
+            "sparsity": {"low": 0.1, "high": 0.95},
+            "method": {"choices": ["l1", "random"]},
+        },
+        "sampler": "random",
+    },
+)
+
+
+def test_an_attack_is_tuned_for_removal_and_a_resume_never_replays_draws(ray_session, tmp_path):
+    """The attacker's side: `tune: {attack: prune}` maximises WRT's removal under the default
+    objective; a resumed study (3 trials, then 5) draws new parameters for trials 3 and 4
+    instead of repeating trials 1 and 2."""
+    scenario = parse_scenario(ATTACK_TUNE)
+    store = str(tmp_path / "store")
+
+    def run(cells):
+        scheduler.run_cells(cells, store, resources=scenario.resources)
+
+    first = tuning.tune(scenario, store, run, trials=3, parallel=1)
+    assert len(first.trials) == 3
+    assert tuning.objective_name(scenario) == "wm_removed"
+    assert tuning.direction(scenario) == "maximize"
+    second = tuning.tune(scenario, store, run, trials=5, parallel=1)
+    trials = second.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
+    assert len(trials) == 5
+    assert trials[0].params == {"sparsity": 0.2, "method": "l1"}  # trial 0: the scenario's own
+    drawn = [tuple(sorted(t.params.items())) for t in trials]
+    assert drawn[3] not in drawn[:3] and drawn[4] not in drawn[:3]
+    df = load(store)
+    assert set(df["attack"]) == {"prune"} and (df["status"] == "ok").all()
+    assert all(0.0 <= t.value <= 1.0 for t in trials)  # the removal share of each trial
+    fragment = tuning.write_best(second, scenario, tmp_path / "best.yaml")
+    assert fragment is not None and fragment["attacks"][0]["name"] == "prune"

@@ -19,6 +19,12 @@ NUM_CLASSES = 4
 SPEC = ModelSpec("lenet", NUM_CLASSES, 1, 16)
 
 
+def run_attack(attack, model, ctx):
+    """(model, spec) of an attack's `Attacked` result (spec: the context's if unchanged)."""
+    out = attack.apply(model, ctx)
+    return out.model, out.spec or ctx.spec
+
+
 @pytest.fixture(scope="module")
 def ctx() -> Context:
     dataset = DatasetCfg(
@@ -94,7 +100,7 @@ def test_fake_quantize_constant_channel_is_unchanged() -> None:
 
 def test_quantize_attack_quantizes_every_conv_and_linear(ctx: Context, model: nn.Module) -> None:
     before = snapshot(model)
-    out, spec = create_attack("quantize", {"bits": 3}).apply(model, ctx)
+    out, spec = run_attack(create_attack("quantize", {"bits": 3}), model, ctx)
     assert spec == ctx.spec
     for module, _ in prunable(out):
         for row in module.weight.detach().reshape(module.weight.shape[0], -1):
@@ -139,14 +145,15 @@ def test_prune_sparsity_zero_changes_nothing(model: nn.Module, method: str) -> N
 
 def test_prune_attack_touches_only_weights(ctx: Context, model: nn.Module) -> None:
     before = snapshot(model)
-    out, spec = create_attack("prune", {"sparsity": 0.7}).apply(model, ctx)
+    out, spec = run_attack(create_attack("prune", {"sparsity": 0.7}), model, ctx)
     assert spec == ctx.spec
     assert weight_sparsity(out) == pytest.approx(0.7, abs=0.002)
     assert all(k.endswith(".weight") for k in changed_keys(before, out))
 
 
 def test_fine_pruning_keeps_pruned_weights_at_zero(ctx: Context, model: nn.Module) -> None:
-    out, _ = create_attack("prune", {"sparsity": 0.5, "fine_tune_epochs": 1}).apply(model, ctx)
+    attack = create_attack("prune", {"sparsity": 0.5, "fine_tune_epochs": 1})
+    out, _ = run_attack(attack, model, ctx)
     assert weight_sparsity(out) == pytest.approx(0.5, abs=0.002)
 
 
@@ -166,7 +173,7 @@ def test_rt_modes_reinitialise_the_head(
     """With training stubbed out, only the re-initialisation of RT* can change the model."""
     monkeypatch.setattr("harness.attacks.fine_tune.fit", no_training)
     before = snapshot(model)
-    out, spec = create_attack("fine_tune", {"mode": mode}).apply(model, ctx)
+    out, spec = run_attack(create_attack("fine_tune", {"mode": mode}), model, ctx)
     assert spec == ctx.spec
     assert out.get_classifier().out_features == NUM_CLASSES
     assert changed_keys(before, out) == (head_keys(out) if head_reset else set())
@@ -174,7 +181,7 @@ def test_rt_modes_reinitialise_the_head(
 
 def test_rtal_trains_everything_with_a_new_head(ctx: Context, model: nn.Module) -> None:
     before = snapshot(model)
-    out, _ = create_attack("fine_tune", {"mode": "rtal", "epochs": 1}).apply(model, ctx)
+    out, _ = run_attack(create_attack("fine_tune", {"mode": "rtal", "epochs": 1}), model, ctx)
     changed = changed_keys(before, out)
     assert head_keys(out) <= changed
     assert "features.0.weight" in changed and "features.1.running_mean" in changed
@@ -186,7 +193,7 @@ def test_last_layer_modes_change_only_the_classifier(
     ctx: Context, model: nn.Module, mode: str
 ) -> None:
     before = snapshot(model)
-    out, _ = create_attack("fine_tune", {"mode": mode, "epochs": 1}).apply(model, ctx)
+    out, _ = run_attack(create_attack("fine_tune", {"mode": mode, "epochs": 1}), model, ctx)
     assert changed_keys(before, out) == head_keys(out)  # BatchNorm statistics frozen too
 
 
@@ -197,7 +204,7 @@ def test_fine_tune_uses_the_attacker_split_fraction(
     monkeypatch.setattr(
         "harness.attacks.fine_tune.fit", lambda m, x, y, *a, **k: seen.append(len(x))
     )
-    create_attack("fine_tune", {"data_fraction": 0.5}).apply(model, ctx)
+    run_attack(create_attack("fine_tune", {"data_fraction": 0.5}), model, ctx)
     assert seen == [round(0.5 * len(ctx.data.attacker))]
 
 
@@ -218,7 +225,7 @@ def test_distill_returns_a_model_of_the_student_arch(
 
     monkeypatch.setattr(distill, "fit", spy)
     params = {"student_arch": "test_resnet", "epochs": 1, "query_budget": 40}
-    student, spec = create_attack("distill", params).apply(model, ctx)
+    student, spec = run_attack(create_attack("distill", params), model, ctx)
     assert spec == ctx.spec.replace(arch="test_resnet")
     assert not isinstance(student, LeNet)
     assert type(student).__name__ == "ResNet"
@@ -240,7 +247,7 @@ def test_distill_trains_for_its_own_epochs(ctx: Context, model: nn.Module, monke
     three_epochs = Context(
         ctx.data, ctx.train.model_copy(update={"epochs": 3}), ctx.spec, ctx.device, ctx.seed
     )
-    create_attack("distill", {"epochs": 1}).apply(model, three_epochs)
+    run_attack(create_attack("distill", {"epochs": 1}), model, three_epochs)
     assert epochs == [1]
 
 
@@ -248,7 +255,8 @@ def test_distill_defaults_to_a_fresh_model_of_the_victim_arch(
     ctx: Context, model: nn.Module
 ) -> None:
     before = snapshot(model)
-    student, spec = create_attack("distill", {"epochs": 1, "hard_labels": True}).apply(model, ctx)
+    attack = create_attack("distill", {"epochs": 1, "hard_labels": True})
+    student, spec = run_attack(attack, model, ctx)
     assert spec == ctx.spec
     assert isinstance(student, LeNet) and student is not model
     assert changed_keys(before, model) == set()  # the teacher is only queried
@@ -256,6 +264,6 @@ def test_distill_defaults_to_a_fresh_model_of_the_victim_arch(
 
 def test_identity_returns_the_model_unchanged(ctx: Context, model: nn.Module) -> None:
     before = snapshot(model)
-    out, spec = create_attack("identity").apply(model, ctx)
+    out, spec = run_attack(create_attack("identity"), model, ctx)
     assert out is model and spec == ctx.spec
     assert changed_keys(before, out) == set()

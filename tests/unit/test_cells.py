@@ -14,8 +14,9 @@ from typing import Any
 import pytest
 
 from harness.attacks import ATTACKS
-from harness.cells import Cell, expand_cells
+from harness.cells import Cell
 from harness.config import parse_scenario
+from harness.grid import expand_cells
 from harness.methods import METHODS
 
 BASE: dict[str, Any] = {

@@ -158,3 +158,21 @@ def test_unknown_subcommand_is_a_usage_error(capsys: pytest.CaptureFixture) -> N
         main(["frobnicate"])
     assert info.value.code == 2
     assert "invalid choice" in capsys.readouterr().err
+
+
+def test_show_failed_prints_errors_with_tracebacks(tmp_path: Path, capsys) -> None:
+    """A failed cell's row keeps its traceback; `harness show --failed` prints it."""
+    from harness.cells import Cell
+    from harness.stages import base_row
+    from results.store import write_row
+
+    cell = Cell("s", {"name": "digits"}, {}, "lenet", "none", {}, "identity", {}, 0)
+    trace = 'Traceback (most recent call last):\n  File "x.py", line 1\nCellFailed: boom'
+    row = {**base_row(cell, "cpu", {}), "status": "failed", "error": "attack: boom"}
+    write_row(str(tmp_path), {**row, "traceback": trace})
+    ok = {**base_row(Cell("s", {"name": "digits"}, {}, "lenet", "none", {}, "identity", {}, 1),
+                      "cpu", {})}  # fmt: skip
+    write_row(str(tmp_path), ok)
+    assert main(["show", str(tmp_path), "--failed"]) == 0
+    out = capsys.readouterr().out
+    assert "attack: boom" in out and "CellFailed: boom" in out and "1 failed cell(s)" in out

@@ -12,15 +12,14 @@ import yaml
 from pydantic import BaseModel
 
 from harness.attacks import ATTACKS
-from harness.cells import expand_cells
 from harness.config import (
     Scenario,
     expand_params,
-    load_scenario,
     load_yaml_with_includes,
 )
 from harness.data import DATASETS
 from harness.errors import ConfigError, UnknownNameError
+from harness.grid import expand_cells, load_scenario
 from harness.methods import METHODS
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -492,7 +491,7 @@ def _pair_scenario(tmp_path, **over):
     ],
 )
 def test_plugins_must_fit_the_tasks_data(tmp_path, over, field, value):
-    from harness.config import check_scenario
+    from harness.grid import check_scenario
 
     with pytest.raises(ConfigError) as err:
         check_scenario(_pair_scenario(tmp_path, **over), "x.yaml")
@@ -501,6 +500,61 @@ def test_plugins_must_fit_the_tasks_data(tmp_path, over, field, value):
 
 
 def test_image_pair_scenario_with_task_agnostic_plugins_validates(tmp_path):
-    from harness.config import check_scenario
+    from harness.grid import check_scenario
 
     check_scenario(_pair_scenario(tmp_path), "x.yaml")
+
+
+TUNE_BASE = {
+    **BASE,
+    "methods": [{"name": "trigger_set", "params": {"n_keys": 10}}],
+    "attacks": [{"name": "prune", "params": {"sparsity": 0.3}}],
+}
+
+
+@pytest.mark.parametrize(
+    ("tune", "field"),
+    [
+        ({"method": "uchidaa", "space": {"x": {"low": 0, "high": 1}}}, "tune.method"),
+        ({"attack": "fine_tune", "space": {"epochs": {"low": 1, "high": 3}}}, "tune.attack"),
+        ({"method": "trigger_set", "space": {"n_keyz": {"low": 1, "high": 3}}},
+         "tune.space.n_keyz"),
+        ({"method": "trigger_set", "space": {"p_value": {"low": 0.2, "high": 0.1}}},
+         "tune.space.p_value"),
+        ({"method": "trigger_set", "space": {"p_value": {"low": 0.1, "high": 0.1}}},
+         "tune.space.p_value"),
+        ({"method": "trigger_set", "space": {"p_value": {"choices": []}}},
+         "tune.space.p_value.choices"),
+        ({"method": "trigger_set", "space": {"n_keys": {"low": -5, "high": 10, "type": "int"}}},
+         "tune.space.n_keys"),
+        ({"method": "trigger_set", "space": {"n_keys": {"low": 1, "high": 9}},
+          "objective": "disc_rel"}, "tune.objective"),
+        ({"method": "trigger_set", "space": {"n_keys": {"low": 1, "high": 9}},
+          "constraints": {"ssim_min": ">= 0.9"}}, "tune.constraints.ssim_min"),
+        ({"method": "trigger_set", "space": {"n_keys": {"low": 1, "high": 9}},
+          "constraints": {"task_drop": "about 0.05"}}, "tune.constraints.task_drop"),
+        ({"method": "trigger_set", "attack": "prune", "space": {"n_keys": {"low": 1, "high": 9}}},
+         "tune"),
+        ({"space": {"n_keys": {"low": 1, "high": 9}}}, "tune"),
+    ],
+)
+def test_bad_tune_sections_exit_2_with_the_field(tmp_path, tune, field):
+    path = tmp_path / "t.yaml"
+    path.write_text(yaml.safe_dump({**TUNE_BASE, "tune": tune}))
+    with pytest.raises(ConfigError) as err:
+        load_scenario(path)
+    assert err.value.exit_code == 2 and err.value.field == field, str(err.value)
+    assert str(path) in str(err.value)
+
+
+def test_a_tune_section_may_name_any_plugin_and_declared_figure(tmp_path):
+    tune = {
+        "attack": "prune",
+        "space": {"sparsity": {"low": 0.1, "high": 0.9}, "method": {"choices": ["l1", "random"]}},
+        "objective": "wm_removed",
+        "constraints": {"task_drop": "<= 0.05"},
+    }
+    path = tmp_path / "t.yaml"
+    path.write_text(yaml.safe_dump({**TUNE_BASE, "tune": tune}))
+    scenario = load_scenario(path)
+    assert scenario.tune.kind == "attack" and scenario.tune.bounds() == {"task_drop": ("<=", 0.05)}

@@ -122,7 +122,7 @@ def test_bad_parameters_name_the_field(params, field):
         "attacks": ["identity"],
         "methods": [{"name": "discriminative", "params": params}],
     }
-    from harness.config import check_scenario
+    from harness.grid import check_scenario
 
     with pytest.raises(ConfigError) as err:
         check_scenario(parse_scenario(data), "x.yaml")
@@ -137,7 +137,7 @@ def test_unknown_source_arch_keeps_its_close_match():
         "attacks": ["identity"],
         "methods": [{"name": "discriminative", "params": {"source_arch": "resnt10t"}}],
     }
-    from harness.config import check_scenario
+    from harness.grid import check_scenario
 
     with pytest.raises(ConfigError) as err:
         check_scenario(parse_scenario(data), "x.yaml")
@@ -147,8 +147,8 @@ def test_unknown_source_arch_keeps_its_close_match():
 @pytest.mark.parametrize(
     ("change", "field"),
     [
-        ({"attacks": [{"name": "identity", "role": "benign"}]}, "attacks"),
-        ({"attacks": [{"name": "identity", "role": "malicious"}]}, "attacks"),
+        ({"attacks": [{"name": "identity", "role": "benign"}]}, "tune.objective"),
+        ({"attacks": [{"name": "identity", "role": "malicious"}]}, "tune.objective"),
         (
             {"tune": {"method": "discriminative", "space": {"w_x": {"low": 0, "high": 1}}}},
             "tune.space.w_x",
@@ -160,7 +160,7 @@ def test_unknown_source_arch_keeps_its_close_match():
     ],
 )
 def test_tune_sections_are_checked(change, field):
-    from harness.config import check_scenario
+    from harness.grid import check_scenario
 
     data = {
         "name": "x",

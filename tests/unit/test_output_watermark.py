@@ -9,8 +9,9 @@ import torch
 from PIL import Image
 
 from harness.artifacts import ArtifactStore
-from harness.config import check_scenario, parse_scenario
+from harness.config import parse_scenario
 from harness.errors import ConfigError
+from harness.grid import check_scenario
 from harness.image_training import LOSSES, quantised_outputs, train_image_model
 from harness.methods.output_watermark import (
     BUILTIN_WATERMARKS,

@@ -11,11 +11,12 @@ import torch
 from harness.artifacts import ArtifactStore
 from harness.attacks import ATTACKS
 from harness.cells import Cell
-from harness.config import DatasetCfg, TrainCfg, check_scenario, parse_scenario
+from harness.config import DatasetCfg, TrainCfg, parse_scenario
 from harness.errors import ConfigError
+from harness.grid import check_scenario
 from harness.methods import METHODS, create_method
 from harness.methods.steg_passport import install
-from harness.stages import _context, run_cell
+from harness.stages import run_cell, verify_context
 from model_zoo import ModelSpec, create_model
 from model_zoo.passport import (
     add_residual_tlp,
@@ -129,11 +130,10 @@ def test_genuine_passport_is_detected_and_the_unmarked_victim_is_not(store):
     assert {"reveal_psnr", "reveal_psnr_noise_key", "reveal_psnr_other_key"} <= set(m)
     assert all(not isinstance(v, torch.Tensor) for v in row.values())  # floats only in rows
     artifacts = ArtifactStore(store)
-    victim, spec = artifacts.load_model(artifacts.load_meta("train_victim", cell.victim_key()))
-    secret = artifacts.load_secret("embed", cell.embed_key())
-    score = create_method("steg_passport", cell.method_params).verify(
-        victim, secret, _context(cell, "cpu", spec)
-    )
+    victim = artifacts.load_meta("train_victim", cell.victim_key())
+    marked = artifacts.load_meta("embed", cell.embed_key())
+    model, secret, ctx = verify_context(cell, store, "cpu", marked, victim)
+    score = create_method("steg_passport", cell.method_params).verify(model, secret, ctx)
     assert not score.detected and score.score < 0.65
 
 
@@ -169,12 +169,10 @@ def test_generic_attacks_run_on_passport_models(store):
 def test_install_is_undone_by_verify(store):
     cell = _cell("identity")
     artifacts = ArtifactStore(store)
-    model, spec = artifacts.load_model(artifacts.load_meta("embed", cell.embed_key()))
+    marked = artifacts.load_meta("embed", cell.embed_key())
+    model, secret, ctx = verify_context(cell, store, "cpu", marked)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    secret = artifacts.load_secret("embed", cell.embed_key())
-    create_method("steg_passport", cell.method_params).verify(
-        model, secret, _context(cell, "cpu", spec)
-    )
+    create_method("steg_passport", cell.method_params).verify(model, secret, ctx)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     install(model, *_images())  # sanity: installing does change the buffers
     assert not torch.equal(
@@ -233,11 +231,12 @@ def test_attacks_target_passport_models_only():
 
 def test_passport_table_summarises_the_stored_rows(store):
     from results import load
-    from results.analysis import passports
 
     for attack in ("identity", "random_passport"):
         run_cell(_cell(attack), store)
-    table = passports(load(store)).set_index("attack")
+    df = load(store)
+    rows = df[(df["status"] == "ok") & (df["method"] == "steg_passport")]
+    table = METHODS.get("steg_passport").summary_table(rows).set_index("attack")
     assert table.loc["identity", "detection"] >= 0.9 and table.loc["identity", "detected"] == 1
     assert table.loc["random_passport", "forged_detection"] <= 0.65
     assert {"acc_dep", "acc_ver", "acc_gap", "reveal_psnr"} <= set(table.columns)

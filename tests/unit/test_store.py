@@ -38,6 +38,7 @@ def make_row(
         "seed": i,
         "status": status,
         "error": None if status == "ok" else "attack: CellFailed: boom",
+        "traceback": None if status == "ok" else "Traceback (most recent call last): ...",
         "task_metric": "accuracy",
         "task_score_clean": 0.9,
         "task_score_marked": 0.89,
@@ -151,7 +152,7 @@ def test_failed_write_leaves_no_final_file(tmp_path: Path, monkeypatch: pytest.M
     def broken_replace(src, dst):
         raise OSError("disk full")
 
-    monkeypatch.setattr("harness.artifacts.os.replace", broken_replace)
+    monkeypatch.setattr("harness.fs.os.replace", broken_replace)
     with pytest.raises(TransientError, match="disk full"):
         write_row(str(store), make_row(1))
     assert not [p for p in files_under(store) if not p.name.startswith(".")]

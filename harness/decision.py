@@ -1,0 +1,41 @@
+"""Decision statistics shared by plug-ins: WRT's null-model threshold and the exact binomial
+test of a key accuracy against chance."""
+
+from __future__ import annotations
+
+import math
+from statistics import NormalDist
+
+from scipy.stats import binomtest
+
+from harness.plugin import Metric
+
+
+def null_model_metrics(score: str) -> tuple[Metric, ...]:
+    """What a method with a null-model threshold reports beside its `score` (e.g. "trigger
+    accuracy"): the null models' mean and spread and the binomial p-value."""
+    return (
+        Metric("null_mean", f"{score} of the null models (never carried the mark)", False),
+        Metric("null_std", "their spread (floored at a chance-level binomial's)", None),
+        Metric("p_value", f"exact binomial p of the {score} against chance", False),
+    )
+
+
+def null_threshold(
+    null_scores: list[float], chance: float, n_keys: int, p_value: float
+) -> dict[str, float]:
+    """WRT's threshold: a Gaussian fitted to the null models' scores (independently trained
+    models that never carried the mark), one-sided at `p_value`. Few null models can agree
+    exactly, so the binomial spread of a chance-level model over `n_keys` keys floors sigma."""
+    n = len(null_scores)
+    mean = sum(null_scores) / n
+    std = math.sqrt(sum((s - mean) ** 2 for s in null_scores) / (n - 1)) if n > 1 else 0.0
+    std = max(std, math.sqrt(chance * (1 - chance) / n_keys))
+    threshold = NormalDist(mean, std).inv_cdf(1 - p_value)
+    return {"threshold": threshold, "null_mean": mean, "null_std": std}
+
+
+def binomial_p(accuracy: float, n_keys: int, chance: float) -> float:
+    """Exact one-sided binomial p-value of `accuracy` over `n_keys` keys against chance."""
+    hits = round(accuracy * n_keys)
+    return float(binomtest(hits, n_keys, chance, alternative="greater").pvalue)

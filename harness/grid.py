@@ -1,0 +1,189 @@
+"""A scenario file to the validated grid of cells: load, check everything checkable against
+the registered plug-ins (names, params, data, archs, tuning), expand - all before Ray starts.
+
+Every error surfaces as a ConfigError naming the file, the field path, the bad value and what
+is allowed (exit code 2).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import ValidationError
+
+from harness import data
+from harness.attacks import ATTACKS
+from harness.cells import Cell
+from harness.config import (
+    ComponentCfg,
+    Scenario,
+    load_yaml_with_includes,
+    param_names,
+    parse_scenario,
+    resolve_component,
+)
+from harness.errors import ConfigError
+from harness.methods import METHODS
+from harness.registry import close_match
+from model_zoo import check_arch
+from model_zoo.image2image import check_image_size
+from results.analysis import GENERIC_FIGURES
+
+REGISTRIES = {"method": METHODS, "attack": ATTACKS}
+
+
+def load_scenario(path: str | Path) -> Scenario:
+    """Parse and fully check a scenario file: schema, names, parameters, data availability."""
+    path = Path(path)
+    scenario = parse_scenario(load_yaml_with_includes(path), str(path))
+    check_scenario(scenario, str(path))
+    return scenario
+
+
+def expand_cells(scenario: Scenario, file: str | None = None) -> list[Cell]:
+    """The full grid, ordered so that cells sharing a victim and a marked model are adjacent.
+
+    Pairs of an attack that targets other methods' models (`Attack.methods`) are left out."""
+    methods = [
+        (m.name, p)
+        for i, m in enumerate(scenario.methods)
+        for p in resolve_component(m, METHODS, f"methods[{i}]", file)
+    ]
+    attacks = [
+        (a.name, p, a.role)
+        for i, a in enumerate(scenario.attacks)
+        for p in resolve_component(a, ATTACKS, f"attacks[{i}]", file)
+    ]
+    dataset, train = (
+        scenario.dataset.model_dump(mode="json"),
+        scenario.train.model_dump(mode="json"),
+    )
+    cells = [
+        Cell(scenario.name, dataset, train, arch, m, mp, a, ap, seed, role)
+        for arch in scenario.archs
+        for seed in scenario.seeds
+        for m, mp in methods
+        for a, ap, role in attacks
+        if ATTACKS.get(a).methods is None or m in ATTACKS.get(a).methods
+    ]
+    seen: dict[str, Cell] = {}
+    for cell in cells:
+        seen.setdefault(cell.cell_id, cell)
+    return list(seen.values())
+
+
+def check_scenario(scenario: Scenario, file: str | None = None) -> None:
+    task = data.task_of(scenario.dataset.name)
+    for i, arch in enumerate(scenario.archs):
+        try:
+            check_arch(arch, image2image=task == "image2image")
+            if task == "image2image":
+                check_image_size(arch, scenario.dataset.image_size, scenario.dataset.channels)
+        except ConfigError as e:
+            raise e.with_location(file, f"archs[{i}]") from None
+    try:
+        data.check_dataset(scenario.dataset)
+    except ConfigError as e:
+        raise e.with_location(file, None if e.field else "dataset.name") from None
+    for field, comps, registry in (
+        ("methods", scenario.methods, METHODS),
+        ("attacks", scenario.attacks, ATTACKS),
+    ):
+        for i, comp in enumerate(comps):
+            check_component(comp, registry, f"{field}[{i}]", file, scenario)
+    method_names = {m.name for m in scenario.methods}
+    for i, a in enumerate(scenario.attacks):
+        targets = ATTACKS.get(a.name).methods
+        if targets is not None and not method_names & set(targets):
+            raise ConfigError(
+                f"attack {a.name!r} targets models of other methods only: no cell would run it",
+                file=file,
+                field=f"attacks[{i}].name",
+                value=a.name,
+                allowed=list(targets),
+                hint="add one of those methods to `methods`",
+            )
+    expand_cells(scenario, file)
+    if scenario.tune is not None:
+        check_tune(scenario, file)
+
+
+def check_component(comp: ComponentCfg, registry, field: str, file: str | None, scenario) -> None:
+    """The plug-in handles the data set's task, and each grid point suits the data
+    (`check_data`: e.g. a U-Net depth the image size allows) and every arch (`check_arch`:
+    e.g. passport layers need BatchNorm) - before any task starts."""
+    dataset = scenario.dataset
+    task = data.task_of(dataset.name)
+    grid = resolve_component(comp, registry, field, file)  # an unknown name fails here
+    cls = registry.get(comp.name)
+    if task not in cls.tasks:
+        raise ConfigError(
+            f"{registry.kind} {comp.name!r} does not apply to {task} data ({dataset.name})",
+            file=file,
+            field=f"{field}.name",
+            value=comp.name,
+            allowed=[n for n in registry.list() if task in registry.get(n).tasks],
+        )
+    for params in grid:
+        try:
+            plugin = cls(params)
+            plugin.check_data(dataset)
+            for arch in scenario.archs:
+                plugin.check_arch(arch, dataset)
+        except ConfigError as e:
+            raise e.with_location(file, f"{field}.params") from None
+
+
+def tune_figures_allowed(cls) -> list[str]:
+    """What a tuning objective or constraint on plug-in `cls` may name."""
+    own = [cls.wm_metric] if getattr(cls, "wm_metric", None) else []
+    return sorted({*own, *cls.declared(), *GENERIC_FIGURES})
+
+
+def _one_of(value: str, allowed: list[str], what: str, field: str, file: str | None) -> None:
+    if value not in allowed:
+        raise ConfigError(
+            f"must be {what}",
+            file=file,
+            field=field,
+            value=value,
+            allowed=allowed,
+            hint=close_match(str(value), allowed),
+        )
+
+
+def check_tune(scenario: Scenario, file: str | None) -> None:
+    """The tuned plug-in is one of the scenario's, the space names its real parameters, and
+    the objective and constraints name figures it declares."""
+    tune = scenario.tune
+    kind, name = tune.kind, tune.target
+    comps = scenario.methods if kind == "method" else scenario.attacks
+    _one_of(name, [c.name for c in comps], f"one of the scenario's {kind}s", f"tune.{kind}", file)
+    cls = REGISTRIES[kind].get(name)
+    fields = param_names(cls.Params)
+    for param in tune.space:
+        _one_of(param, fields, f"a parameter of {name}", f"tune.space.{param}", file)
+    base = next(c for c in comps if c.name == name)
+    base_params = resolve_component(base, REGISTRIES[kind], f"tune.{kind}", file)
+    for param, spec in tune.space.items():
+        ends = spec.choices if spec.choices is not None else [spec.low, spec.high]
+        for value in ends:
+            value = int(value) if spec.type == "int" and spec.choices is None else value
+            try:
+                cls.Params(**{**base_params[0], param: value})
+            except ValidationError as e:
+                raise ConfigError(
+                    f"the search space reaches a value {name} refuses: "
+                    f"{e.errors()[0]['msg'].removeprefix('Value error, ')}",
+                    file=file,
+                    field=f"tune.space.{param}",
+                    value=value,
+                ) from None
+    allowed = tune_figures_allowed(cls)
+    objective = tune.objective or cls.default_objective()
+    _one_of(objective, allowed, f"a figure {name} declares", "tune.objective", file)
+    for c in tune.constraints:
+        _one_of(c, allowed, f"a figure {name} declares", f"tune.constraints.{c}", file)
+    for params in base_params:
+        if (why := cls(params).check_tune(scenario, objective)) is not None:
+            raise ConfigError(why, file=file, field="tune.objective", value=objective)
