@@ -378,7 +378,7 @@ class Discriminative(Method):
         out["disc"] = out["key_benign"] - out["key_malicious"]
         out["disc_control"] = out["control_benign"] - out["control_malicious"]
         out["disc_rel"] = out["disc"] - out["disc_control"]
-        return out.reset_index()
+        return out.reset_index().drop(columns="scenario")  # `show` filters by scenario
 
     @classmethod
     def tune_figures(cls, df) -> dict[str, float]:
