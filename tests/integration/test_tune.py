@@ -170,3 +170,34 @@ def test_an_attack_is_tuned_for_removal_and_a_resume_never_replays_draws(ray_ses
     assert all(0.0 <= t.value <= 1.0 for t in trials)  # the removal share of each trial
     fragment = tuning.write_best(second, scenario, tmp_path / "best.yaml")
     assert fragment is not None and fragment["attacks"][0]["name"] == "prune"
+
+
+def test_a_method_added_as_one_file_is_tunable(ray_session, tmp_path):
+    """`uchida` has no tuning code: its `lambda` is searched, its bit accuracy after the
+    scenario's attack is the objective and the generic embedding cost the constraint."""
+    scenario = parse_scenario(
+        tiny_scenario_dict(
+            name="tune_uchida",
+            methods=[{"name": "uchida", "params": {"n_bits": 64, "n_null": 2, "epochs": 2}}],
+            attacks=[{"name": "fine_tune", "params": {"mode": "ftal", "epochs": 1}}],
+            tune={
+                "method": "uchida",
+                "space": {"lambda": {"low": 0.01, "high": 10.0, "log": True}},
+                "constraints": {"embed_drop": "<= 0.5"},
+            },
+        )
+    )
+    store = str(tmp_path / "store")
+    study = tuning.tune(
+        scenario,
+        store,
+        lambda cells: scheduler.run_cells(cells, store, resources=scenario.resources),
+        trials=2,
+        parallel=2,
+    )
+    trials = study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
+    assert len(trials) == 2 and trials[0].params == {"lambda": 0.1}  # trial 0: the default
+    assert all(0.0 <= t.value <= 1.0 for t in trials)  # bit accuracies
+    assert all(set(t.constraints) == {"embed_drop"} for t in trials)
+    df = load(store)
+    assert set(df["wm_metric"]) == {"bit_acc"} and (df["status"] == "ok").all()
