@@ -213,3 +213,30 @@ def test_duplicate_grid_points_are_deduplicated(changes: dict) -> None:
     cells = expand(**{**base, **changes})
     assert len(cells) == 1
     assert len({c.cell_id for c in cells}) == 1
+
+
+@pytest.mark.parametrize(
+    ("scenario", "expected"),
+    [
+        # one ISN for the whole scenario; two victims (archs), no null models
+        ("passport_digits", {"aux/steg_passport/isn": 1, "train_victim": 2, "embed": 2}),
+        # stage 1 shared by the with / without adversarial-stage settings
+        ("output_wm_small", {"aux/output_watermark/initial": 1, "embed": 2}),
+        # one key set per source victim, whatever the targets
+        ("cross_model_digits", {"aux/discriminative/keygen": 2, "train_victim": 2}),
+        # null models are the victims of seeds 1-3, shared by both archs' cells of those seeds
+        ("smoke", {"train_victim": 8, "embed": 4}),
+    ],
+)
+def test_declared_aux_steps_keep_their_sharing(scenario, expected):
+    from collections import Counter
+    from pathlib import Path
+
+    from harness.cells import distinct_jobs
+    from harness.config import load_yaml_with_includes
+
+    root = Path(__file__).resolve().parents[2]
+    data = load_yaml_with_includes(root / "scenarios" / f"{scenario}.yaml")
+    cells = expand_cells(parse_scenario(data))
+    counts = Counter(job.stage for job in distinct_jobs(cells).values())
+    assert {k: counts[k] for k in expected} == expected
