@@ -112,7 +112,7 @@ class StageGraph:
         env: dict[str, str] | None,
     ) -> None:
         self.store, self.executor, self.refs = store, executor, {}
-        self.exec_ref = ray.put(executor)  # pickled once, not into every task
+        self.exec_ref = executor  # small: pickled into each task (cheaper than an ObjectRef)
         runtime_env = {"env_vars": env} if env else None
         self.tasks: dict[str, object] = {}
         for res in ("train", "embed", "attack", "verify"):
