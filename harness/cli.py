@@ -8,11 +8,24 @@ import time
 from collections import Counter
 
 from rich.console import Console
+from rich.markup import escape
 
 from harness.errors import HarnessError
 
 console = Console(stderr=True, soft_wrap=True)  # log lines are never folded
 DEFAULT_STORE = "store"
+EXIT_FAILED_CELLS = 3  # `harness run`: every cell ran, but some ended failed (their rows say why)
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: a whole number >= 1 (0 CPUs or a window of 0 cells would hang)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1 (got {value})")
+    return value
 
 
 def cmd_validate(args) -> int:
@@ -60,8 +73,16 @@ def cmd_run(args) -> int:
             f"(run {summary.run_id})"
         )
         for cell_id, error in list(summary.failures.items())[:10]:
-            console.print(f"  [red]failed[/red] {cell_id[:12]}: {error}")
+            console.print(f"  [red]failed[/red] {cell_id[:12]}: {escape(error)}")
+        if len(summary.failures) > 10:
+            console.print(f"  … and {len(summary.failures) - 10} more (harness show --failed)")
     _show(args.store, scenario.name)
+    if todo and summary.failed:
+        console.print(
+            f"[red]{summary.failed} of {len(cells)} cells failed[/red]: exit code "
+            f"{EXIT_FAILED_CELLS}; `harness show {args.store} --failed` prints their tracebacks"
+        )
+        return EXIT_FAILED_CELLS
     return 0
 
 
@@ -301,8 +322,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="join a Ray cluster (auto, ray://...); default: embedded local Ray",
     )
-    run.add_argument("--num-cpus", type=int, default=None, help="CPUs for the embedded local Ray")
-    run.add_argument("--max-in-flight", type=int, default=None, help="cells submitted at once")
+    run.add_argument(
+        "--num-cpus", type=positive_int, default=None, help="CPUs for the embedded local Ray"
+    )
+    run.add_argument(
+        "--max-in-flight", type=positive_int, default=None, help="cells submitted at once"
+    )
     run.add_argument("--no-progress", action="store_true")
     run.set_defaults(fn=cmd_run)
     val = sub.add_parser("validate", help="check a scenario and count its cells and stage tasks")
@@ -327,8 +352,12 @@ def build_parser() -> argparse.ArgumentParser:
         "tune", help="Optuna over a method's or an attack's parameters (the `tune:` section)"
     )
     tune.add_argument("scenario")
-    tune.add_argument("--trials", type=int, default=8, help="finished trials the study should hold")
-    tune.add_argument("--parallel", type=int, default=2, help="trials whose cells run at once")
+    tune.add_argument(
+        "--trials", type=positive_int, default=8, help="finished trials the study should hold"
+    )
+    tune.add_argument(
+        "--parallel", type=positive_int, default=2, help="trials whose cells run at once"
+    )
     tune.add_argument(
         "--storage",
         default=None,
@@ -337,16 +366,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     tune.add_argument("--store", default=DEFAULT_STORE)
     tune.add_argument("--address", default=None)
-    tune.add_argument("--num-cpus", type=int, default=None)
-    tune.add_argument("--max-in-flight", type=int, default=None)
+    tune.add_argument("--num-cpus", type=positive_int, default=None)
+    tune.add_argument("--max-in-flight", type=positive_int, default=None)
     tune.set_defaults(fn=cmd_tune)
     comp = sub.add_parser("compact", help="merge per-cell Parquet files (fast scans of big stores)")
     comp.add_argument("store", nargs="?", default=DEFAULT_STORE)
     comp.set_defaults(fn=cmd_compact)
     bench = sub.add_parser("bench", help="speed figures (printed, never asserted)")
     bench.add_argument("what", choices=["scheduler", "store", "train", "all"])
-    bench.add_argument("--cells", type=int, default=1000)
-    bench.add_argument("--rows", type=int, default=100_000)
+    bench.add_argument("--cells", type=positive_int, default=1000)
+    bench.add_argument("--rows", type=positive_int, default=100_000)
     bench.add_argument("--arch", default="resnet10t", help="train: the network")
     bench.add_argument("--steps", type=int, default=30, help="train: steps per run")
     bench.add_argument("--batch", type=int, default=64, help="train: batch size")

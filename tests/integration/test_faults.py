@@ -4,10 +4,14 @@ becomes a `failed` row without stopping the run, and is tried again on the next 
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pandas as pd
 import pytest
+import yaml
 from integration_support import comparable, result_files, tiny_scenario_dict
 
 from harness import scheduler
@@ -139,3 +143,26 @@ def test_worker_lost_for_good_is_a_failed_row_then_retried(ray_session, tiny_sce
     assert (second.skipped, second.ok, second.failed) == (1, 1, 0)
     rows = load(store).set_index("cell_id")
     assert len(rows) == 2 and (rows["status"] == "ok").all()
+
+
+def test_harness_run_exits_3_when_a_cell_failed_and_0_once_all_are_ok(tmp_path):
+    """A script can trust the exit code: failed cells -> 3 with the failures printed."""
+    bad = tiny_scenario_dict(
+        name="exit_codes",
+        methods=["none"],
+        attacks=["identity", {"name": "fine_tune", "params": {"mode": "ftal", "lr": 1e6}}],
+    )
+    path = tmp_path / "s.yaml"
+    path.write_text(yaml.safe_dump(bad))
+    store = str(tmp_path / "store")
+    argv = [sys.executable, "-m", "harness.cli", "run", str(path), "--store", store,
+            "--no-progress"]  # fmt: skip
+    env = {**os.environ, "RAY_ADDRESS": ""}
+    first = subprocess.run(argv, capture_output=True, text=True, timeout=300, env=env)
+    assert first.returncode == 3, first.stderr[-2000:]
+    assert "1 ok, 1 failed" in first.stderr and "non-finite loss" in first.stderr
+    assert "1 of 2 cells failed" in first.stderr
+    good = {**bad, "attacks": ["identity"]}
+    path.write_text(yaml.safe_dump(good))
+    second = subprocess.run(argv, capture_output=True, text=True, timeout=300, env=env)
+    assert second.returncode == 0, second.stderr[-2000:]

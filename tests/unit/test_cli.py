@@ -176,3 +176,22 @@ def test_show_failed_prints_errors_with_tracebacks(tmp_path: Path, capsys) -> No
     assert main(["show", str(tmp_path), "--failed"]) == 0
     out = capsys.readouterr().out
     assert "attack: boom" in out and "CellFailed: boom" in out and "1 failed cell(s)" in out
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["run", "x.yaml", "--num-cpus", "0"],
+        ["run", "x.yaml", "--max-in-flight", "0"],
+        ["run", "x.yaml", "--max-in-flight", "-3"],
+        ["tune", "x.yaml", "--parallel", "0"],
+        ["tune", "x.yaml", "--trials", "-1"],
+        ["bench", "scheduler", "--cells", "0"],
+    ],
+)
+def test_counts_below_one_exit_2_before_anything_starts(argv, capsys) -> None:
+    """0 CPUs or a window of 0 cells would hang (or report '0 ok, 0 failed' with exit 0)."""
+    with pytest.raises(SystemExit) as err:
+        main(argv)
+    assert err.value.code == 2
+    assert "must be at least 1" in capsys.readouterr().err
