@@ -29,8 +29,12 @@ from harness.registry import close_match
 STAGES = ("train", "embed", "attack", "verify")
 
 
+SEED_MAX = 2**31 - 1  # every RNG the harness seeds (numpy, torch, offsets added) takes it
+Seed = Annotated[int, Field(ge=0, le=SEED_MAX)]
+
+
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class DatasetCfg(Strict):
@@ -41,7 +45,7 @@ class DatasetCfg(Strict):
     download: bool = False
     test_fraction: float = Field(0.2, gt=0, lt=1)
     attacker_fraction: float = Field(1 / 3, gt=0, lt=1)
-    split_seed: int = 0
+    split_seed: Seed = 0
     samples: int = Field(1000, ge=10, description="synthetic / photo_pairs: number of images")
     num_classes: int = Field(10, ge=2, description="synthetic only: number of classes")
     degradation: Literal["noise", "rain", "blur"] = Field(
@@ -184,7 +188,7 @@ class Scenario(Strict):
     description: str = ""
     dataset: DatasetCfg = DatasetCfg()
     train: TrainCfg = TrainCfg()
-    seeds: list[int] = Field([0], min_length=1)
+    seeds: list[Seed] = Field([0], min_length=1)
     archs: list[str] = Field(min_length=1)
     methods: list[ComponentCfg] = Field(min_length=1)
     attacks: list[ComponentCfg] = Field(min_length=1)
@@ -193,6 +197,13 @@ class Scenario(Strict):
     max_retries: int = Field(2, ge=0)
     reported: dict[str, Any] = {}
     tune: TuneCfg | None = None
+
+    @field_validator("name")
+    @classmethod
+    def _not_a_folder_name(cls, v: str) -> str:
+        if set(v) == {"."}:
+            raise ValueError("a name of dots only names a folder (the store uses it as one)")
+        return v
 
 
 def param_names(params_model: type[BaseModel]) -> list[str]:
@@ -297,15 +308,52 @@ def resolve_component(comp: ComponentCfg, registry, field: str, file: str | None
         raise e.with_location(file, f"{field}.params") from None
     for point in grid:
         try:
-            out.append(cls.Params(**point).model_dump(mode="json"))
+            params = cls.Params(**point)
         except ValidationError as e:
             raise _from_validation(e, file, cls.Params, f"{field}.params") from None
+        for path, value in _non_finite(params.model_dump(by_alias=True)):
+            raise ConfigError(
+                "must be a finite number",
+                file=file,
+                field=f"{field}.params.{path}",
+                value=value,
+            )
+        out.append(params.model_dump(mode="json"))
     return out
+
+
+def _non_finite(value: Any, path: str = ""):
+    """(path, value) of every inf / nan float inside a plug-in's params (JSON would turn them
+    into null, silently: the plug-in's default)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        yield path, value
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            yield from _non_finite(v, f"{path}.{k}" if path else str(k))
+    elif isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            yield from _non_finite(v, f"{path}[{i}]")
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.safe_load, except that a mapping repeating a key is an error (not last-wins)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r} (first at line {seen[key] + 1})",
+                    key_node.start_mark,
+                )  # fmt: skip
+            seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep=deep)
 
 
 def _read_yaml(path: Path) -> dict:
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.load(path.read_text(), Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader
     except FileNotFoundError:
         raise ConfigError("scenario file not found", file=str(path)) from None
     except yaml.YAMLError as e:

@@ -558,3 +558,38 @@ def test_a_tune_section_may_name_any_plugin_and_declared_figure(tmp_path):
     path.write_text(yaml.safe_dump({**TUNE_BASE, "tune": tune}))
     scenario = load_scenario(path)
     assert scenario.tune.kind == "attack" and scenario.tune.bounds() == {"task_drop": ("<=", 0.05)}
+
+
+@pytest.mark.parametrize(
+    ("text", "field", "message"),
+    [
+        ("train: {lr: .inf}\n", "train.lr", "finite"),
+        ("train: {momentum: .nan}\n", "train.momentum", "finite"),
+        ("attacks: [{name: fine_tune, params: {lr: .inf}}]\n", "attacks[0].params.lr", "finite"),
+        ("methods: [{name: trigger_set, params: {p_value: .nan}}]\n",
+         "methods[0].params.p_value", ""),
+        ("seeds: [-1]\n", "seeds[0]", "greater than or equal to 0"),
+        ("seeds: [4294967296]\n", "seeds[0]", "less than or equal to"),
+        ("dataset: {name: synthetic, split_seed: 99999999999}\n", "dataset.split_seed", "less"),
+        ("name: '..'\n", "name", "dots only"),
+        ("name: '.'\n", "name", "dots only"),
+    ],
+)  # fmt: skip
+def test_values_no_task_could_use_exit_2_with_their_field(tmp_path, text, field, message):
+    base = {k: v for k, v in BASE.items() if k not in yaml.safe_load(text)}
+    path = tmp_path / "s.yaml"
+    path.write_text(yaml.safe_dump(base) + text)
+    with pytest.raises(ConfigError) as err:
+        load_scenario(path)
+    assert err.value.exit_code == 2 and err.value.field == field, str(err.value)
+    assert message in str(err.value)
+
+
+def test_a_repeated_yaml_key_is_an_error_not_last_wins(tmp_path):
+    path = tmp_path / "s.yaml"
+    base = {k: v for k, v in BASE.items() if k != "train"}
+    path.write_text(yaml.safe_dump(base) + "train: {epochs: 1, lr: 0.1, lr: 0.01}\n")
+    with pytest.raises(ConfigError) as err:
+        load_scenario(path)
+    assert err.value.exit_code == 2 and "duplicate key 'lr'" in str(err.value)
+    assert str(path) in str(err.value) and "line" in str(err.value)
