@@ -29,7 +29,8 @@ class Executor:
     def record_failure(self, cell: dict, store: str, run: dict, error: str) -> None:
         """A cell whose tasks died for good (retries spent) still gets its failed row."""
         row = stages.base_row(stages.Cell.from_dict(cell), "unknown", run)
-        write_row(store, {**row, "status": "failed", "error": error[:2000], "traceback": error})
+        failed = {"status": "failed", "error": stages.one_line(error), "traceback": error}
+        write_row(store, {**row, **failed})
 
 
 class NoopExecutor(Executor):

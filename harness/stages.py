@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import math
+import re
 import socket
 import time
 import traceback
@@ -44,6 +45,17 @@ from results.store import write_row
 MAX_TASK_DROP = {"accuracy": 0.05, "psnr": 2.0}
 
 
+ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+
+
+def one_line(message: str, limit: int = 500) -> str:
+    """An error for the `error` column: its first line, without terminal colour codes (the
+    whole story is in the `traceback` column)."""
+    lines = ANSI.sub("", message).strip().splitlines() or [""]
+    first = lines[0] + (" …" if len(lines) > 1 else "")
+    return first if len(first) <= limit else first[: limit - 1] + "…"
+
+
 def _failed(metas: tuple[dict, ...]) -> dict | None:
     return next((m for m in metas if m.get("failed")), None)
 
@@ -67,7 +79,7 @@ def stage(name: str) -> Callable:
             except Exception as e:  # noqa: BLE001 - deterministic failures become rows
                 return {
                     "failed": True,
-                    "error": f"{name}: {type(e).__name__}: {e}",
+                    "error": one_line(f"{name}: {type(e).__name__}: {e}"),
                     "traceback": traceback.format_exc(),
                 }
             return {**meta, "cached": False, "seconds": time.perf_counter() - start}
@@ -196,7 +208,8 @@ def verify(
     except TransientError:
         raise
     except Exception as e:  # noqa: BLE001
-        bad = {"error": f"verify: {type(e).__name__}: {e}", "traceback": traceback.format_exc()}
+        error = one_line(f"verify: {type(e).__name__}: {e}")
+        bad = {"error": error, "traceback": traceback.format_exc()}
     if bad is not None:
         row.update(status="failed", error=bad["error"], traceback=bad.get("traceback"))
     seconds = {

@@ -42,7 +42,8 @@ def summary(df: pd.DataFrame, by: tuple[str, ...] = ("method", "attack")) -> pd.
     df = df.assign(
         wm_removed=pd.to_numeric(removed),
         ok=df["status"].eq("ok"),
-        wm_detected=df["wm_detected"].astype(float),
+        # shares are over ok cells: a failed cell is neither detected nor not (column `failed`)
+        wm_detected=df["wm_detected"].astype(float).where(df["status"].eq("ok")),
     )
     agg = df.groupby(list(by)).agg(
         cells=("cell_id", "size"),

@@ -322,3 +322,26 @@ def test_duckdb_reads_the_store(tmp_path: Path) -> None:
     assert got[-1][3] is None  # old0 lacks the column: union_by_name fills NULL
     failed = con.sql(f"SELECT cell_id FROM ({query}) WHERE status = 'failed'").fetchall()
     assert failed == [("cell004",)]  # <cell_id>.failed.parquet files are read too
+
+
+def test_shares_are_over_ok_cells_and_failures_have_their_own_column(tmp_path: Path) -> None:
+    """One failed + one detected cell: detected 1.0 (not 0.5), failed 1."""
+    from results.analysis import summary
+
+    store = str(tmp_path / "store")
+    ok = {**make_row(1), "cell_id": "ok1", "wm_detected": True}
+    failed = {"status": "failed", "error": "attack: boom", "wm_score_attacked": None}
+    bad = {**make_row(1), **failed, "cell_id": "bad1", "wm_detected": False}
+    for row in (ok, bad):
+        write_row(store, row)
+    table = summary(load(store))
+    (line,) = table.to_dict("records")
+    assert line["cells"] == 2 and line["failed"] == 1 and line["detected"] == 1.0
+
+
+def test_error_column_is_one_clean_line() -> None:
+    from harness.stages import one_line
+
+    raw = "attack: OSError: \x1b[31m[errno 30] read-only\x1b[0m\nmore detail\nand more"
+    assert one_line(raw) == "attack: OSError: [errno 30] read-only …"
+    assert len(one_line("x" * 5000)) == 500
