@@ -68,6 +68,17 @@ def lsgan(logits: torch.Tensor, real: bool) -> torch.Tensor:
     return F.mse_loss(logits, torch.full_like(logits, float(real)))
 
 
+def discriminator_step(disc: nn.Module, opt, real: torch.Tensor, fake: torch.Tensor, device,
+                       amp: bool) -> None:  # fmt: skip
+    """One LSGAN update of a PatchGAN discriminator: `real` images towards 1, the generator's
+    `fake` ones (detached) towards 0; the `after_step` of GAN-trained loops."""
+    with autocast(device, amp):
+        d_loss = lsgan(disc(real).float(), True) + lsgan(disc(fake.detach()).float(), False)
+    opt.zero_grad(set_to_none=True)
+    d_loss.backward()
+    opt.step()
+
+
 def train_image_model(
     model: nn.Module,
     x: torch.Tensor,
@@ -105,13 +116,7 @@ def train_image_model(
         return value
 
     def disc_step() -> None:
-        with autocast(device, amp):
-            real = disc(last["target"]).float()
-            fake = disc(last["out"].detach()).float()
-            d_loss = lsgan(real, True) + lsgan(fake, False)
-        opt_d.zero_grad(set_to_none=True)
-        d_loss.backward()
-        opt_d.step()
+        discriminator_step(disc, opt_d, last["target"], last["out"], device, amp)
 
     return train_loop(
         loss_fn, opt, n=len(x), batch_size=batch_size, epochs=epochs, generator=gen,

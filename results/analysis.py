@@ -65,16 +65,6 @@ def metric(df: pd.DataFrame, name: str) -> pd.Series:
     return df["metrics"].map(lambda m: (m or {}).get(name, float("nan"))).astype(float)
 
 
-def ok_rows(df: pd.DataFrame, method: str | None = None, attack: str | None = None):
-    """The ok rows, of one method / attack if named."""
-    keep = df["status"].eq("ok")
-    if method is not None:
-        keep &= df["method"].eq(method)
-    if attack is not None:
-        keep &= df["attack"].eq(attack)
-    return df[keep]
-
-
 # Figures every plug-in's rows have (tuning objectives and constraints may name them):
 GENERIC_FIGURES = {
     "wm_score": "watermark score after the attack (mean)",

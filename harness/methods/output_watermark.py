@@ -36,6 +36,7 @@ from harness.image_training import (
     GAN_MIN_SIZE,
     PerceptualLoss,
     adam,
+    discriminator_step,
     lsgan,
     quantised_outputs,
     train_image_model,
@@ -49,7 +50,7 @@ from harness.methods.base import (
     WatermarkScore,
     register,
 )
-from harness.training import as_float, autocast, predict_images, train_loop
+from harness.training import as_float, predict_images, train_loop
 from model_zoo.image2image import (
     Barrier,
     Extractor,
@@ -321,13 +322,7 @@ class OutputWatermark(Method):
             return loss
 
         def disc_step() -> None:
-            with autocast(dev, ctx.train.amp):
-                real = disc(last["b"]).float()
-                fake = disc(last["marked_b"].detach()).float()
-                d_loss = lsgan(real, True) + lsgan(fake, False)
-            opt_d.zero_grad(set_to_none=True)
-            d_loss.backward()
-            opt_d.step()
+            discriminator_step(disc, opt_d, last["b"], last["marked_b"], dev, ctx.train.amp)
 
         stats = train_loop(
             loss_fn, opt, n=len(b_all), batch_size=p.batch_size, epochs=p.epochs,
