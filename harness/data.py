@@ -6,8 +6,11 @@ and converted to float per batch, which keeps the training loop free of DataLoad
 
 from __future__ import annotations
 
+import _codecs
 import functools
 import math
+import os
+import pickle
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -107,6 +110,8 @@ def load_synthetic(cfg) -> RawData:
 
 
 DOWNLOADABLE = ("cifar10", "cifar100")  # torchvision can fetch these; folders it cannot
+ROOT_DATASETS = ("cifar10", "cifar100", "imagefolder", "pairs_folder")  # read from dataset.root
+ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar", ".zip")
 
 
 def _require_root(cfg) -> Path:
@@ -123,33 +128,283 @@ def _require_root(cfg) -> Path:
             field="dataset.root",
             value=str(root),
         )
+    if root.exists() and not root.is_dir():
+        archive = root.name.lower().endswith(ARCHIVE_SUFFIXES)
+        extract = ": extract the archive and point dataset.root at a folder" if archive else ""
+        raise ConfigError(
+            f"dataset root is not a folder{extract}", field="dataset.root", value=str(root)
+        )
     return root
 
 
-def _torchvision_pair(cls, cfg) -> RawData:
+# --- CIFAR: the python-pickle release, read here (torchvision only downloads) ------------------
+
+
+@dataclass(frozen=True)
+class CifarFormat:
+    """Where the official python release of one CIFAR variant keeps its pickled batches."""
+
+    title: str
+    folder: str  # the folder the archive unpacks to, inside dataset.root
+    archive: str
+    train: tuple[str, ...]
+    test: str
+    meta: str
+    labels_key: bytes
+    names_key: bytes  # in the meta file: one name per class
+    listing: str  # the files, for messages
+    torchvision_class: str  # the class whose url / filename / md5 the download uses
+
+    @property
+    def files(self) -> tuple[str, ...]:
+        return (*self.train, self.test, self.meta)
+
+
+CIFAR_FORMATS = {
+    "cifar10": CifarFormat(
+        "CIFAR-10", "cifar-10-batches-py", "cifar-10-python.tar.gz",
+        tuple(f"data_batch_{i}" for i in range(1, 6)), "test_batch", "batches.meta",
+        b"labels", b"label_names", "data_batch_1..5, test_batch, batches.meta", "CIFAR10",
+    ),
+    "cifar100": CifarFormat(
+        "CIFAR-100", "cifar-100-python", "cifar-100-python.tar.gz",
+        ("train",), "test", "meta",
+        b"fine_labels", b"fine_label_names", "train, test, meta", "CIFAR100",
+    ),
+}  # fmt: skip
+CIFAR_SIDE = 32
+
+
+def _cifar_problem(fmt: CifarFormat, root: Path) -> str | None:
+    """What the CIFAR reader would miss under root (None: every file is there, non-empty)."""
+    folder = root / fmt.folder
+    if not folder.is_dir():
+        return (
+            f"no {fmt.title} data in the root: expected the folder {fmt.folder}/ "
+            f"holding {fmt.listing}"
+        )
+    missing = [name for name in fmt.files if not (folder / name).is_file()]
+    empty = [n for n in fmt.files if n not in missing and (folder / n).stat().st_size == 0]
+    if not missing and not empty:
+        return None
+    found = (("missing", missing), ("empty", empty))
+    parts = [f"{what} {', '.join(names)}" for what, names in found if names]
+    return (
+        f"{fmt.title} files incomplete in {fmt.folder}/: {'; '.join(parts)} "
+        f"(expected {fmt.listing})"
+    )
+
+
+def _check_cifar(fmt: CifarFormat, root: Path) -> None:
+    problem = _cifar_problem(fmt, root)
+    if problem is None:
+        return
+    hint = None
+    if root.name == fmt.folder or (root / fmt.test).is_file():
+        problem += "; the batches lie in the root itself: point dataset.root at its parent folder"
+        hint = str(root.parent)
+    elif (root / fmt.archive).is_file():
+        problem += f"; found {fmt.archive}: extract it there or set dataset.download: true"
+    else:
+        problem += "; or set dataset.download: true to fetch it"
+    raise ConfigError(problem, field="dataset.root", value=str(root), hint=hint)
+
+
+@functools.cache
+def _pickle_globals() -> dict[tuple[str, str], object]:
+    """The only callables a CIFAR batch pickle may name: numpy array / scalar rebuilding and
+    the bytes codec of protocol-2 pickles from Python 3, under numpy 1 and 2 module names."""
+    reconstruct = np.zeros(0).__reduce__()[0]
+    scalar = np.int64(0).__reduce__()[0]
+    frombuffer = np.zeros(1).__reduce_ex__(5)[0]
+    table: dict[tuple[str, str], object] = {
+        ("_codecs", "encode"): _codecs.encode,
+        ("numpy", "ndarray"): np.ndarray,
+        ("numpy", "dtype"): np.dtype,
+    }
+    for package in ("numpy.core", "numpy._core"):
+        table[(f"{package}.multiarray", "_reconstruct")] = reconstruct
+        table[(f"{package}.multiarray", "scalar")] = scalar
+        table[(f"{package}.numeric", "_frombuffer")] = frombuffer
+    return table
+
+
+class _BatchUnpickler(pickle.Unpickler):
+    """Unpickles dicts of arrays, lists and bytes; a pickle naming any other callable is
+    refused rather than run (a data folder is no place for code)."""
+
+    def find_class(self, module: str, name: str) -> object:
+        found = _pickle_globals().get((module, name))
+        if found is None:
+            raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
+        return found
+
+
+def _unpickle(path: Path) -> dict:
+    try:
+        with open(path, "rb") as f:
+            obj = _BatchUnpickler(f, encoding="bytes").load()
+    except Exception as err:  # any failure to read a user's file is a data error
+        raise ConfigError(
+            f"cannot read CIFAR pickle ({type(err).__name__}: {err})",
+            field="dataset.root",
+            value=str(path),
+        ) from err
+    if not isinstance(obj, dict):
+        raise ConfigError(
+            f"not a CIFAR pickle: expected a dict, found {type(obj).__name__}",
+            field="dataset.root",
+            value=str(path),
+        )
+    return obj
+
+
+def _entry(batch: dict, key: bytes):
+    """batch[key]; str keys (a pickle written by Python 3 code) are accepted too."""
+    return batch[key] if key in batch else batch.get(key.decode())
+
+
+def _read_meta(path: Path, fmt: CifarFormat) -> int:
+    names = _entry(_unpickle(path), fmt.names_key)
+    if names is None or len(names) < 2:
+        raise ConfigError(
+            f"the {fmt.title} meta file needs {fmt.names_key!r}: one name per class",
+            field="dataset.root",
+            value=str(path),
+        )
+    return len(names)
+
+
+def _read_batch(path: Path, fmt: CifarFormat, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    """One batch as uint8 (N, 3, 32, 32) images (rows are R, G, B planes) and int64 labels."""
+    batch = _unpickle(path)
+    data, labels = _entry(batch, b"data"), _entry(batch, fmt.labels_key)
+    pixels = 3 * CIFAR_SIDE * CIFAR_SIDE
+    if data is None or labels is None:
+        raise ConfigError(
+            f"not a {fmt.title} batch: needs the keys b'data' and {fmt.labels_key!r}",
+            field="dataset.root",
+            value=str(path),
+        )
+    x, y = np.asarray(data), np.asarray(labels)
+    if x.dtype != np.uint8 or x.shape[1:] != (pixels,) or y.shape != x.shape[:1]:
+        raise ConfigError(
+            f"malformed {fmt.title} batch: b'data' must be uint8 (N, {pixels}) with N labels "
+            f"(got {x.dtype} {x.shape} and {y.size} labels)",
+            field="dataset.root",
+            value=str(path),
+        )
+    if y.size and (not np.issubdtype(y.dtype, np.integer) or y.min() < 0 or y.max() >= num_classes):
+        raise ConfigError(
+            f"{fmt.title} labels must be whole numbers in 0..{num_classes - 1} "
+            "(one per class name in the meta file)",
+            field="dataset.root",
+            value=str(path),
+        )
+    x = np.array(x, dtype=np.uint8).reshape(-1, 3, CIFAR_SIDE, CIFAR_SIDE)  # a writable copy
+    return x, y.astype(np.int64)
+
+
+def _download_cifar(fmt: CifarFormat, root: Path) -> None:
+    """Fetch and unpack the official archive into root (torchvision checks the archive's md5)."""
+    import torchvision.datasets as tv_datasets  # lazy: start-up time
+    from torchvision.datasets.utils import download_and_extract_archive  # lazy: start-up time
+
+    cls = getattr(tv_datasets, fmt.torchvision_class)
+    download_and_extract_archive(cls.url, str(root), filename=cls.filename, md5=cls.tgz_md5)
+
+
+def _load_cifar(fmt: CifarFormat, cfg) -> RawData:
     root = _require_root(cfg)
-    train, test = (cls(str(root), train=t, download=cfg.download) for t in (True, False))
+    if cfg.download and _cifar_problem(fmt, root) is not None:
+        _download_cifar(fmt, root)
+    _check_root(_check_cifar, fmt, root)
+    folder = root / fmt.folder
+    num_classes = _read_meta(folder / fmt.meta, fmt)
 
-    def tensors(ds):
-        x = torch.from_numpy(np.asarray(ds.data)).permute(0, 3, 1, 2).float() / 255.0
-        return _to_uint8(x, cfg.image_size, cfg.channels), torch.tensor(ds.targets).long()
+    def read(names: tuple[str, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+        xs, ys = [], []
+        for name in names:  # converted per batch: float copies of one file at a time
+            x, y = _read_batch(folder / name, fmt, num_classes)
+            xs.append(_to_uint8(torch.from_numpy(x).float() / 255.0, cfg.image_size, cfg.channels))
+            ys.append(torch.from_numpy(y))
+        return torch.cat(xs), torch.cat(ys)
 
-    (x, y), (tx, ty) = tensors(train), tensors(test)
-    return RawData(x, y, len(train.classes), tx, ty)
+    (x, y), (tx, ty) = read(fmt.train), read((fmt.test,))
+    return RawData(x, y, num_classes, tx, ty)
 
 
 @DATASETS.register("cifar10")
 def load_cifar10(cfg) -> RawData:
-    from torchvision.datasets import CIFAR10  # lazy: start-up time
-
-    return _torchvision_pair(CIFAR10, cfg)
+    """CIFAR-10's python release under root/cifar-10-batches-py (download: true fetches it)."""
+    return _load_cifar(CIFAR_FORMATS["cifar10"], cfg)
 
 
 @DATASETS.register("cifar100")
 def load_cifar100(cfg) -> RawData:
-    from torchvision.datasets import CIFAR100  # lazy: start-up time
+    """CIFAR-100's python release under root/cifar-100-python, fine labels (100 classes)."""
+    return _load_cifar(CIFAR_FORMATS["cifar100"], cfg)
 
-    return _torchvision_pair(CIFAR100, cfg)
+
+# --- ImageFolder: root/class/image, optionally root/train + root/val -----------------------------
+
+CLASS_IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+
+
+def _is_class_image(path: str) -> bool:
+    """The files an ImageFolder class reads (torchvision's default extensions)."""
+    return path.lower().endswith(CLASS_IMAGE_SUFFIXES)
+
+
+def _train_val(root: Path) -> list[Path]:
+    """[root/train, root/val] when both exist (the split layout), else [root]."""
+    if (root / "train").is_dir() and (root / "val").is_dir():
+        return [root / "train", root / "val"]
+    return [root]
+
+
+def _has_class_image(folder: Path) -> bool:
+    """Whether any image lies in folder or below (stops at the first one found)."""
+    return any(
+        any(map(_is_class_image, files)) for _, _, files in os.walk(folder, followlinks=True)
+    )
+
+
+def _class_folders(folder: Path) -> list[str]:
+    """The sorted class names of one ImageFolder split, each checked to hold an image."""
+    entries = list(os.scandir(folder))
+    classes = sorted(e.name for e in entries if e.is_dir())
+    expected = f"one sub-folder per class, each holding images ({', '.join(CLASS_IMAGE_SUFFIXES)})"
+    if not classes:
+        loose = any(e.is_file() and _is_class_image(e.name) for e in entries)
+        found = "no class sub-folders"
+        if loose:
+            found = "images lie directly in the folder, not in class sub-folders"
+        raise ConfigError(
+            f"{found}: an ImageFolder needs {expected}", field="dataset.root", value=str(folder)
+        )
+    empty = [name for name in classes if not _has_class_image(folder / name)]
+    if empty:
+        shown = ", ".join(empty[:10]) + (f" ... ({len(empty)} in all)" if len(empty) > 10 else "")
+        raise ConfigError(
+            f"class sub-folders without images: {shown}; an ImageFolder needs {expected}",
+            field="dataset.root",
+            value=str(folder),
+        )
+    return classes
+
+
+def _check_imagefolder(root: Path) -> None:
+    classes = [_class_folders(folder) for folder in _train_val(root)]
+    if len(classes) == 2 and classes[0] != classes[1]:
+        train, val = set(classes[0]), set(classes[1])
+        raise ConfigError(
+            "train/ and val/ hold different class sub-folders (labels number the sorted class "
+            f"names, so both need the same): only in train: {sorted(train - val) or 'none'}; "
+            f"only in val: {sorted(val - train) or 'none'}",
+            field="dataset.root",
+            value=str(root),
+        )
 
 
 @DATASETS.register("imagefolder")
@@ -159,21 +414,35 @@ def load_imagefolder(cfg) -> RawData:
     from torchvision.datasets import ImageFolder  # lazy: start-up time
 
     root = _require_root(cfg)
+    _check_root(_check_imagefolder, root)
     tf = transforms.Compose(
         [transforms.Resize((cfg.image_size, cfg.image_size)), transforms.PILToTensor()]
     )
 
     def tensors(path):
-        ds = ImageFolder(str(path), transform=tf)
+        ds = ImageFolder(str(path), transform=tf, is_valid_file=_is_class_image)
         xs, ys = zip(*[ds[i] for i in range(len(ds))], strict=True)
         x = torch.stack(xs).float() / 255.0
         return _to_uint8(x, cfg.image_size, cfg.channels), torch.tensor(ys).long(), len(ds.classes)
 
-    if (root / "train").is_dir() and (root / "val").is_dir():
-        (x, y, n), (tx, ty, _) = tensors(root / "train"), tensors(root / "val")
+    folders = _train_val(root)
+    if len(folders) == 2:
+        (x, y, n), (tx, ty, _) = tensors(folders[0]), tensors(folders[1])
         return RawData(x, y, n, tx, ty)
     x, y, n = tensors(root)
     return RawData(x, y, n)
+
+
+def _check_root(check, *args) -> None:
+    """Run a root check; a folder that cannot be listed is a config error, not a crash."""
+    try:
+        check(*args)
+    except OSError as err:
+        raise ConfigError(
+            f"cannot read the dataset root ({err.strerror or err})",
+            field="dataset.root",
+            value=str(err.filename or args[-1]),
+        ) from err
 
 
 # --- image-to-image pairs (output watermarking): x = domain A (degraded), y = domain B ----------
@@ -354,18 +623,35 @@ def _read_pair(path: Path, size: int) -> tuple[torch.Tensor, torch.Tensor]:
     return tuple(torch.from_numpy(np.array(p)).permute(2, 0, 1).float() / 255.0 for p in (a, b))
 
 
-def _pairs_in(folder: Path, cfg) -> tuple[torch.Tensor, torch.Tensor]:
-    """All [A | B] images directly in `folder` (sorted by name) as uint8 (A, B) tensors."""
+def _pair_files(folder: Path, root: Path) -> list[Path]:
+    """The [A | B] images directly in `folder`, sorted by name; none is a config error."""
     files = sorted(
         p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
     )
     if not files:
+        note = ""
+        halves = [name for name in ("train", "val") if (root / name).is_dir()]
+        if folder == root and len(halves) == 1:
+            note = f" (found only {halves[0]}/: the split layout needs both train/ and val/)"
+        elif any(p.is_dir() for p in folder.iterdir()):
+            note = " (sub-folders are not searched)"
         raise ConfigError(
-            f"no images ({', '.join(IMAGE_SUFFIXES)}) in the pairs folder",
+            f"no images ({', '.join(IMAGE_SUFFIXES)}) in the pairs folder: expected "
+            f"side-by-side A|B images directly in it{note}",
             field="dataset.root",
             value=str(folder),
         )
-    a, b = zip(*(_read_pair(p, cfg.image_size) for p in files), strict=True)
+    return files
+
+
+def _check_pairs(root: Path) -> None:
+    for folder in _train_val(root):
+        _pair_files(folder, root)
+
+
+def _pairs_in(folder: Path, root: Path, cfg) -> tuple[torch.Tensor, torch.Tensor]:
+    """All [A | B] images directly in `folder` (sorted by name) as uint8 (A, B) tensors."""
+    a, b = zip(*(_read_pair(p, cfg.image_size) for p in _pair_files(folder, root)), strict=True)
     size, channels = cfg.image_size, cfg.channels
     return _to_uint8(torch.stack(a), size, channels), _to_uint8(torch.stack(b), size, channels)
 
@@ -374,12 +660,12 @@ def _pairs_in(folder: Path, cfg) -> tuple[torch.Tensor, torch.Tensor]:
 def load_pairs_folder(cfg) -> RawData:
     """A folder of side-by-side A|B images; `root/train` and `root/val` if both exist."""
     root = _require_root(cfg)
-    if not root.is_dir():
-        raise ConfigError("pairs root is not a folder", field="dataset.root", value=str(root))
-    if (root / "train").is_dir() and (root / "val").is_dir():
-        (x, y), (tx, ty) = _pairs_in(root / "train", cfg), _pairs_in(root / "val", cfg)
+    _check_root(_check_pairs, root)
+    folders = _train_val(root)
+    if len(folders) == 2:
+        (x, y), (tx, ty) = (_pairs_in(f, root, cfg) for f in folders)
         return RawData(x, y, 0, tx, ty)
-    x, y = _pairs_in(root, cfg)
+    x, y = _pairs_in(root, root, cfg)
     return RawData(x, y, 0)
 
 
@@ -392,10 +678,19 @@ def task_of(name: str) -> str:
 
 
 def check_dataset(cfg) -> None:
-    """Fail early (before any task) on an unknown name or a missing root."""
+    """Fail early (before any task) on an unknown name, a missing root, or a root without data
+    in its loader's format. Cheap: lists folders and stats files, decodes no image."""
     DATASETS.get(cfg.name)
-    if cfg.name in ("cifar10", "cifar100", "imagefolder", "pairs_folder"):
-        _require_root(cfg)
+    if cfg.name not in ROOT_DATASETS:
+        return
+    root = _require_root(cfg)
+    if cfg.name in CIFAR_FORMATS:
+        if not cfg.download:  # with download, the loader fetches whatever is missing
+            _check_root(_check_cifar, CIFAR_FORMATS[cfg.name], root)
+    elif cfg.name == "imagefolder":
+        _check_root(_check_imagefolder, root)
+    elif cfg.name == "pairs_folder":
+        _check_root(_check_pairs, root)
 
 
 def split(raw: RawData, cfg) -> Splits:

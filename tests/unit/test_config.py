@@ -271,7 +271,8 @@ def test_missing_dataset_root(tmp_path: Path, dataset: dict, value) -> None:
 
 
 def test_existing_dataset_root_passes_validation(tmp_path: Path) -> None:
-    (tmp_path / "imgs").mkdir()
+    (tmp_path / "imgs" / "cat").mkdir(parents=True)
+    (tmp_path / "imgs" / "cat" / "0.png").write_bytes(b"")  # the check lists, never decodes
     data = scenario_with(dataset={"name": "imagefolder", "root": str(tmp_path / "imgs")})
     assert load_scenario(write(tmp_path, data)).dataset.root == str(tmp_path / "imgs")
 
