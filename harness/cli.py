@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
+import threading
 import time
 from collections import Counter
 
@@ -48,11 +50,13 @@ def cmd_validate(args) -> int:
 
 def cmd_run(args) -> int:
     from harness import scheduler
+    from harness.fs import check_writable
     from harness.grid import expand_cells, load_scenario
     from results.store import ok_cell_ids
 
     scenario = load_scenario(args.scenario)
     cells = expand_cells(scenario, args.scenario)
+    check_writable(args.store)
     done = ok_cell_ids(args.store)
     todo = sum(c.cell_id not in done for c in cells)
     console.print(
@@ -66,7 +70,7 @@ def cmd_run(args) -> int:
             "or each worker writes its rows to its own disk"
         )
     if todo:
-        scheduler.connect(args.address, args.num_cpus)
+        _start_ray(scheduler, scenario, args)
         summary = _run_with_progress(scheduler, scenario, cells, args)
         console.print(
             f"done in {summary.seconds:.1f}s: {summary.ok} ok, {summary.failed} failed "
@@ -84,6 +88,15 @@ def cmd_run(args) -> int:
         )
         return EXIT_FAILED_CELLS
     return 0
+
+
+def _start_ray(scheduler, scenario, args) -> None:
+    """Join or start Ray, then check that every stage's resource request fits a node."""
+    scheduler.connect(args.address, args.num_cpus)
+    _handle_sigterm()  # again: `ray.init` installs its own handler, which aborts the driver
+    stages = ("train", "embed", "attack", "verify")
+    for warning in scheduler.check_resources(scenario.resources, stages):
+        console.print(f"[yellow]warning:[/yellow] {escape(warning)}")
 
 
 def _run_with_progress(scheduler, scenario, cells, args):
@@ -230,6 +243,7 @@ def cmd_list(args) -> int:
 def cmd_tune(args) -> int:
     from harness import scheduler, tuning
     from harness.errors import ConfigError
+    from harness.fs import check_writable
     from harness.grid import load_scenario
 
     scenario = load_scenario(args.scenario)
@@ -237,7 +251,8 @@ def cmd_tune(args) -> int:
         raise ConfigError(
             "no `tune:` section: nothing to search", file=args.scenario, field="tune", value=None
         )
-    scheduler.connect(args.address, args.num_cpus)
+    check_writable(args.store)
+    _start_ray(scheduler, scenario, args)
 
     def run(cells) -> None:
         scheduler.run_cells(
@@ -383,19 +398,33 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a scheduler's or `kill`'s stop): handled exactly like Ctrl-C."""
+
+
+def _on_sigterm(signum, frame) -> None:
+    raise Terminated()
+
+
+def _handle_sigterm() -> None:
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _on_sigterm)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    _handle_sigterm()
     try:
         return args.fn(args)
     except HarnessError as e:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         print(
             "interrupted: running tasks cancelled; finished cells are stored, re-run to resume",
             file=sys.stderr,
         )
-        return 130
+        return 143 if isinstance(e, Terminated) else 130
 
 
 if __name__ == "__main__":

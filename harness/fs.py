@@ -8,7 +8,7 @@ import uuid
 
 import pyarrow.fs as pafs
 
-from harness.errors import TransientError
+from harness.errors import ConfigError, TransientError
 
 
 def open_store(uri: str) -> tuple[pafs.FileSystem, str]:
@@ -33,6 +33,30 @@ def atomic_write(fs: pafs.FileSystem, path: str, data: bytes) -> None:
                 f.write(data)
     except OSError as e:
         raise TransientError(f"writing {path}: {e}") from e
+
+
+def check_writable(uri: str) -> None:
+    """The store can be written: a ConfigError (exit 2) for a path that is a file, a folder
+    that cannot be made or written (permissions, a read-only mount) or an object store that
+    refuses a write - before any cluster time is spent. Leaves the (empty) store folder."""
+    try:
+        fs, root = open_store(uri)
+        info = fs.get_file_info(root)
+        if info.type == pafs.FileType.File:
+            raise ConfigError("the store is a file, not a folder", field="--store", value=uri)
+        probe = f"{root}/.write-probe-{uuid.uuid4().hex}"
+        fs.create_dir(root, recursive=True)
+        with fs.open_output_stream(probe) as f:
+            f.write(b"")
+        fs.delete_file(probe)
+    except ConfigError:
+        raise
+    except (OSError, ValueError) as e:
+        raise ConfigError(
+            f"cannot write to the store: {getattr(e, 'strerror', None) or e}",
+            field="--store",
+            value=uri,
+        ) from None
 
 
 def read_bytes(fs: pafs.FileSystem, path: str) -> bytes:

@@ -8,41 +8,195 @@ the run manifest; each cell's verify task writes its own Parquet row.
 
 from __future__ import annotations
 
+import functools
+import os
 import platform
+import secrets
+import socket
 import subprocess
+import sys
+import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from pathlib import Path
+from urllib.parse import urlsplit
 
 import pyarrow
 import ray
 import timm
 import torch
 
+import harness
 from harness import __version__
 from harness.cells import Cell, Job, cell_id_of
 from harness.config import Resources
-from harness.errors import TransientError
+from harness.errors import ConfigError, TransientError
 from harness.executors import REAL, Executor
+from harness.stages import one_line
 from results.store import ok_cell_ids, write_manifest
+
+LOOPBACK = "127.0.0.1"
+CONNECT_TIMEOUT_S = 30.0
+TOKEN_FILE = Path.home() / ".ray" / "auth_token"  # where `ray.init` looks for its token
 
 
 def connect(address: str | None = None, num_cpus: int | None = None) -> None:
-    """Embedded local Ray by default (never a stray running cluster); `address` joins one."""
+    """Embedded local Ray by default (never a stray running cluster); `address` joins one.
+
+    The embedded Ray listens on the loopback interface only and its token file is private;
+    a cluster that cannot be reached is a ConfigError (exit 2) within `CONNECT_TIMEOUT_S`."""
     if ray.is_initialized():
         return
     if address is None:
-        ray.init(
-            address="local",
-            num_cpus=num_cpus,
-            include_dashboard=False,
-            log_to_driver=False,
-            dashboard_host="127.0.0.1",
+        private_token_file()
+        with _loopback_only():
+            ray.init(
+                address="local",
+                num_cpus=num_cpus,
+                include_dashboard=False,
+                log_to_driver=False,
+                dashboard_host=LOOPBACK,
+                _node_ip_address=LOOPBACK,
+            )
+        return
+    check_reachable(address)
+    silent = f"--address {address}: no Ray cluster answered within {CONNECT_TIMEOUT_S:.0f} s"
+    with _watchdog(silent):
+        try:
+            ray.init(address=address, log_to_driver=False)
+        except (ConnectionError, RuntimeError, ValueError) as e:
+            raise ConfigError(
+                f"cannot join the Ray cluster: {one_line(str(e))}", field="--address", value=address
+            ) from None
+
+
+@contextmanager
+def _loopback_only() -> Iterator[None]:
+    """Ray has no public switch for a loopback-only node; its own single-machine mode (the
+    one it uses on macOS and Windows) takes the node IP as 127.0.0.1, and then every gRPC
+    server, the GCS and the agents bind to the loopback interface only. Checked by a test
+    that lists the listening sockets of Ray's processes."""
+    from ray._private import ray_constants  # lazy: only the embedded Ray needs it
+
+    saved = ray_constants.ENABLE_RAY_CLUSTER
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = saved
+
+
+def private_token_file(path: Path = TOKEN_FILE) -> None:
+    """Ray's token file, created here (mode 0600) before `ray.init` would create it readable
+    by every user (0644); an existing one that others can read is made private."""
+    if os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH"):
+        return  # the user manages the token
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        if path.stat().st_mode & 0o077 and path.stat().st_uid == os.getuid():
+            path.chmod(0o600)
+        return
+    with os.fdopen(fd, "w") as f:
+        f.write(secrets.token_hex(32))
+
+
+def check_reachable(address: str, timeout: float = 10.0) -> None:
+    """A TCP connection to `host:port` (or `ray://host:port`) before Ray's own retries."""
+    if address == "auto":
+        return  # read from this machine's running Ray; the watchdog bounds the wait
+    url = urlsplit(address if "://" in address else f"gcs://{address}")
+    default = 10001 if url.scheme == "ray" else 6379
+    try:
+        host, port = url.hostname, url.port or default
+    except ValueError:
+        host, port = None, None
+    if not host:
+        raise ConfigError(
+            "not a Ray address", field="--address", value=address,
+            allowed="auto, HOST:PORT (the GCS) or ray://HOST:PORT (Ray Client)",
         )
-    else:
-        ray.init(address=address, log_to_driver=False)
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+    except OSError as e:
+        raise ConfigError(
+            f"cannot reach {host}:{port}: {e.strerror or e}", field="--address", value=address
+        ) from None
+
+
+@contextmanager
+def _watchdog(message: str, seconds: float = CONNECT_TIMEOUT_S) -> Iterator[None]:
+    """Ray retries a silent address for minutes inside `ray.init`, which cannot be
+    interrupted from another thread: after `seconds`, print `message` and exit 2."""
+
+    def fire() -> None:
+        print(f"error: {message}", file=sys.stderr, flush=True)
+        os._exit(ConfigError.exit_code)
+
+    timer = threading.Timer(seconds, fire)
+    timer.daemon = True
+    timer.start()
+    try:
+        yield
+    finally:
+        timer.cancel()
+
+
+def check_resources(resources: Resources, stages: Iterable[str]) -> list[str]:
+    """Every stage's request fits on one node: a ConfigError (exit 2) before any task starts
+    when none can ever fit; on an autoscaling cluster, warnings naming the node type that
+    would have to start (returned)."""
+    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+    groups = _autoscaler_groups()
+    warnings = []
+    for stage in dict.fromkeys(stages):
+        r = resources.for_stage(stage)
+        want = {"CPU": r.num_cpus, "GPU": r.num_gpus}
+
+        def fit(have: dict, want=want) -> bool:
+            return all(have.get(k, 0) >= v for k, v in want.items())
+
+        if any(fit(n) for n in nodes):
+            continue
+        fits = [name for name, have in groups.items() if fit(have)]
+        if fits:
+            warnings.append(
+                f"resources.{stage} (num_cpus {r.num_cpus}, num_gpus {r.num_gpus}): no live "
+                f"node fits; the autoscaler must start a {' or '.join(fits)} node"
+            )
+            continue
+        largest = ", ".join(
+            f"CPU {n.get('CPU', 0):g} GPU {n.get('GPU', 0):g}" for n in nodes
+        ) or "no live node"
+        raise ConfigError(
+            f"no node of this cluster can ever run this stage (nodes: {largest}"
+            + (f"; autoscaler node types: {', '.join(groups)}" if groups else "")
+            + ")",
+            field=f"resources.{stage}",
+            value={"num_cpus": r.num_cpus, "num_gpus": r.num_gpus},
+        )
+    return warnings
+
+
+def _autoscaler_groups() -> dict[str, dict[str, float]]:
+    """Node types an autoscaler may start (name -> resources); empty without an autoscaler.
+    Ray keeps them in the GCS; it has no public reader, so any failure means none."""
+    try:
+        from ray._private.state import state  # lazy: only for the resource check
+
+        config = state.get_cluster_config()
+    except Exception:  # noqa: BLE001 - a private API: no autoscaler information
+        return {}
+    if config is None:
+        return {}
+    return {
+        g.name: dict(g.resources) for g in config.node_group_configs if g.max_count != 0
+    }
 
 
 def _device() -> str:
@@ -90,14 +244,28 @@ class RunSummary:
     failures: dict[str, str] = field(default_factory=dict)
 
 
+@functools.lru_cache(maxsize=1)
 def git_sha() -> str | None:
+    """The commit of the harness's own source tree (from the package's location, never the
+    working directory's repository), `-dirty` when its code differs from that commit; the
+    installed version (`v0.1.0`) for a copy outside any checkout of this project."""
+    root = Path(harness.__file__).resolve().parent.parent
+    installed = f"v{__version__}"
     try:
         out = subprocess.run(
-            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5
+            ["git", "-C", str(root), "rev-parse", "--show-toplevel", "HEAD"],
+            capture_output=True, text=True, timeout=5,
         )
+        lines = out.stdout.split()
+        if out.returncode != 0 or len(lines) != 2 or Path(lines[0]).resolve() != root:
+            return installed  # not a checkout of this project (site-packages in another repo)
+        dirty = subprocess.run(
+            ["git", "-C", str(root), "diff", "--quiet", "HEAD", "--", "harness", "model_zoo",
+             "results"], timeout=5,
+        ).returncode
     except (OSError, subprocess.SubprocessError):
-        return None
-    return out.stdout.strip() or None
+        return installed
+    return lines[1] + ("-dirty" if dirty == 1 else "")
 
 
 class StageGraph:

@@ -97,3 +97,31 @@ def kill_session(sid: int) -> None:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
+
+
+def _hex_ip(text: str) -> str:
+    """An address of /proc/net/tcp{,6} (little-endian 32-bit words) as text."""
+    import ipaddress
+
+    raw = bytes.fromhex(text)
+    words = b"".join(raw[i : i + 4][::-1] for i in range(0, len(raw), 4))
+    ip = ipaddress.ip_address(words)
+    return str(getattr(ip, "ipv4_mapped", None) or ip)  # ::ffff:127.0.0.1 is 127.0.0.1
+
+
+def listening_addresses(pids: set[int]) -> set[str]:
+    """The local addresses that processes `pids` listen on (TCP, IPv4 and IPv6), from /proc."""
+    inodes: set[str] = set()
+    for pid in pids:
+        try:
+            links = [os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")]
+        except OSError:
+            continue
+        inodes |= {link[8:-1] for link in links if link.startswith("socket:[")}
+    found = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[3] == "0A" and fields[9] in inodes:  # 0A: LISTEN
+                found.add(_hex_ip(fields[1].split(":")[0]))
+    return found

@@ -145,14 +145,24 @@ def _assert_resumed(killed: Killed) -> None:
     assert resumed["run_id"] not in set(df.set_index("cell_id").loc[list(before), "run_id"])
 
 
-def test_ctrl_c_then_resume(scenario_file, tmp_path, ray_session):
-    """Ctrl-C cancels the running tasks, exits 130, records the run as interrupted; running
-    the same command again finishes the grid."""
-    killed = _run_and_kill(
-        scenario_file, tmp_path, ray_session, lambda p: os.killpg(p.pid, signal.SIGINT)
-    )
+def _ctrl_c(proc: subprocess.Popen) -> None:
+    os.killpg(proc.pid, signal.SIGINT)  # the whole process group, as a terminal does
+
+
+def _sigterm(proc: subprocess.Popen) -> None:
+    proc.send_signal(signal.SIGTERM)  # the driver only, as `kill` or a batch scheduler does
+
+
+@pytest.mark.parametrize(
+    ("stop", "code"), [(_ctrl_c, 130), (_sigterm, 143)], ids=["ctrl-c", "sigterm"]
+)
+def test_stopped_then_resume(scenario_file, tmp_path, ray_session, stop, code):
+    """Ctrl-C, or SIGTERM handled alike, cancels the running tasks, exits 130 (143 for
+    SIGTERM), records the run as interrupted; running the same command again finishes the
+    grid."""
+    killed = _run_and_kill(scenario_file, tmp_path, ray_session, stop)
     log = (tmp_path / "harness.log").read_text()
-    assert killed.returncode == 130, log
+    assert killed.returncode == code, log
     assert "interrupted" in log
     (stopped,) = killed.runs
     manifest = json.loads(stopped.read_text())
