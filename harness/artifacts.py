@@ -1,20 +1,24 @@
 """Content-addressed artifact store over pyarrow.fs (a local path, s3:// or gs://).
 
 Layout: <store>/artifacts/<stage>/<key>/{model.pt, key.pt, meta.json}. `meta.json` is written
-last, so its presence means the artifact is complete. Checkpoints hold state dicts and plain
-tensors only and load with `weights_only=True`. An unchanged model is stored as a reference
-to the artifact it came from, not copied.
+last, so its presence means the artifact is complete; it records the SHA-256 of the files it
+points to, checked on every load, so a truncated or altered checkpoint is named, never used.
+Checkpoints hold state dicts and plain tensors only and load with `weights_only=True`. An
+unchanged model is stored as a reference to the artifact it came from, not copied.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 from typing import Any
 
+import pyarrow.fs as pafs
 import torch
 import torch.nn as nn
 
+from harness.errors import CorruptFile
 from harness.fs import atomic_write, exists, open_store, read_bytes
 from model_zoo import ModelSpec, create_model
 
@@ -27,6 +31,13 @@ def _to_bytes(obj: Any) -> bytes:
 
 def _from_bytes(data: bytes) -> Any:
     return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+META, MODEL, SECRET = "meta.json", "model.pt", "key.pt"
 
 
 class ArtifactStore:
@@ -49,25 +60,48 @@ class ArtifactStore:
         model_ref: tuple[str, str] | None = None,
         secret: dict[str, Any] | None = None,
     ) -> dict[str, Any]:
-        """Write the model (or a reference), the secret key material, then the meta."""
+        """Write the model (or a reference), the secret key material, then the meta, which
+        holds the content hash of each file it points to."""
         meta = {**meta, "stage": stage, "key": key}
         if model is not None:
             state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-            atomic_write(self.fs, self.path(stage, key, "model.pt"), _to_bytes(state))
+            meta["model_sha256"] = self._write(stage, key, MODEL, _to_bytes(state))
             meta["model_ref"] = [stage, key]
         elif model_ref is not None:
             meta["model_ref"] = list(model_ref)
+            meta["model_sha256"] = self.load_meta(*model_ref).get("model_sha256")
         if secret is not None:
-            atomic_write(self.fs, self.path(stage, key, "key.pt"), _to_bytes(secret))
-        atomic_write(self.fs, self.path(stage, key, "meta.json"), json.dumps(meta).encode())
+            meta["secret_sha256"] = self._write(stage, key, SECRET, _to_bytes(secret))
+        atomic_write(self.fs, self.path(stage, key, META), json.dumps(meta).encode())
         return meta
 
+    def _write(self, stage: str, key: str, name: str, data: bytes) -> str:
+        atomic_write(self.fs, self.path(stage, key, name), data)
+        return sha256(data)
+
+    def _read(self, path: str, expected: str | None) -> bytes:
+        """A file's bytes, checked against the hash its meta recorded (older metas have none)."""
+        try:
+            data = read_bytes(self.fs, path)
+        except FileNotFoundError:
+            raise CorruptFile(f"{path}: missing (its meta.json points to it)") from None
+        if expected is not None and sha256(data) != expected:
+            raise CorruptFile(
+                f"{path}: content hash mismatch ({len(data)} bytes; truncated or altered)"
+            )
+        return data
+
     def load_meta(self, stage: str, key: str) -> dict[str, Any]:
-        return json.loads(read_bytes(self.fs, self.path(stage, key, "meta.json")))
+        path = self.path(stage, key, META)
+        try:
+            return json.loads(read_bytes(self.fs, path))
+        except ValueError as e:
+            raise CorruptFile(f"{path}: unreadable meta ({e})") from None
 
     def load_state(self, meta: dict[str, Any]) -> dict[str, Any]:
         """The stored weights (a state dict) that a stage's meta points to."""
-        return _from_bytes(read_bytes(self.fs, self.path(*meta["model_ref"], "model.pt")))
+        path = self.path(*meta["model_ref"], MODEL)
+        return _from_bytes(self._read(path, meta.get("model_sha256")))
 
     def load_model(self, meta: dict[str, Any], device: str = "cpu") -> tuple[nn.Module, ModelSpec]:
         spec = ModelSpec(**meta["spec"])
@@ -75,8 +109,75 @@ class ArtifactStore:
         model.load_state_dict(self.load_state(meta))
         return model.to(device).eval(), spec
 
-    def load_secret(self, stage: str, key: str) -> dict[str, Any]:
-        return _from_bytes(read_bytes(self.fs, self.path(stage, key, "key.pt")))
+    def load_secret(self, meta: dict[str, Any]) -> dict[str, Any]:
+        path = self.path(meta["stage"], meta["key"], SECRET)
+        return _from_bytes(self._read(path, meta.get("secret_sha256")))
+
+    def check(self, stage: str, key: str) -> tuple[dict[str, Any] | None, str | None]:
+        """(meta, None) when the artifact and every file it points to read back intact, else
+        (None, what is wrong, with the path)."""
+        try:
+            meta = self.load_meta(stage, key)
+            if meta.get("model_ref"):
+                self._read(self.path(*meta["model_ref"], MODEL), meta.get("model_sha256"))
+            if meta.get("secret_sha256"):
+                self._read(self.path(stage, key, SECRET), meta["secret_sha256"])
+        except CorruptFile as e:
+            return None, str(e)
+        return meta, None
+
+    def remove(self, stage: str, key: str) -> None:
+        remove_folder(self.uri, self.path(stage, key))
+
+
+def check_store_artifacts(uri: str) -> tuple[int, list[tuple[str, str]]]:
+    """(artifacts checked, every one whose meta cannot be read or whose files do not match
+    the hashes it records, as (its folder, what is wrong)). Each file is hashed once."""
+    store = ArtifactStore(uri)
+    selector = pafs.FileSelector(f"{store.root}/artifacts", recursive=True, allow_not_found=True)
+    metas = [
+        i.path for i in store.fs.get_file_info(selector)
+        if i.type == pafs.FileType.File and i.base_name == META
+    ]
+    hashes: dict[str, str | None] = {}
+
+    def digest(path: str) -> str | None:
+        if path not in hashes:
+            try:
+                hashes[path] = sha256(read_bytes(store.fs, path))
+            except FileNotFoundError:
+                hashes[path] = None
+        return hashes[path]
+
+    bad = []
+    for path in sorted(metas):
+        folder = path.rsplit("/", 1)[0]
+        try:
+            meta = json.loads(read_bytes(store.fs, path))
+        except ValueError as e:
+            bad.append((folder, f"unreadable meta.json ({e})"))
+            continue
+        files = []
+        if meta.get("model_ref"):
+            files.append((store.path(*meta["model_ref"], MODEL), meta.get("model_sha256")))
+        if meta.get("secret_sha256"):
+            files.append((f"{folder}/{SECRET}", meta["secret_sha256"]))
+        for file, expected in files:
+            got = digest(file)
+            if got is None:
+                bad.append((folder, f"{file} is missing"))
+            elif expected is not None and got != expected:
+                bad.append((folder, f"{file}: content hash mismatch (truncated or altered)"))
+    return len(metas), bad
+
+
+def remove_folder(uri: str, folder: str) -> None:
+    """Delete an artifact folder, its meta first (so it reads as absent at once)."""
+    fs, _ = open_store(uri)
+    meta = f"{folder}/{META}"
+    if exists(fs, meta):
+        fs.delete_file(meta)
+    fs.delete_dir(folder)
 
 
 class Artifact:
@@ -110,7 +211,7 @@ class Artifact:
 
     def secret(self) -> dict[str, Any]:
         if self._secret is None:
-            self._secret = self.store.load_secret(self.meta["stage"], self.meta["key"])
+            self._secret = self.store.load_secret(self.meta)
         return self._secret
 
     def with_inputs(self) -> Artifact:

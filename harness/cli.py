@@ -31,12 +31,12 @@ def positive_int(text: str) -> int:
 
 
 def cmd_validate(args) -> int:
-    from harness.cells import distinct_jobs
+    from harness.cells import stage_counts
     from harness.grid import expand_cells, load_scenario
 
-    scenario = load_scenario(args.scenario)
-    cells = expand_cells(scenario, args.scenario)
-    stages = Counter(job.stage for job in distinct_jobs(cells).values())
+    scenario = load_scenario(args.scenario, args.max_cells)
+    cells = expand_cells(scenario, args.scenario, args.max_cells)
+    stages = stage_counts(cells)
     stages["verify"] = len(cells)
     print(f"{args.scenario}: ok — scenario {scenario.name!r}, {len(cells)} cells")
     print("  distinct stage tasks: " + ", ".join(f"{k} {v}" for k, v in stages.items()))
@@ -54,8 +54,8 @@ def cmd_run(args) -> int:
     from harness.grid import expand_cells, load_scenario
     from results.store import ok_cell_ids
 
-    scenario = load_scenario(args.scenario)
-    cells = expand_cells(scenario, args.scenario)
+    scenario = load_scenario(args.scenario, args.max_cells)
+    cells = expand_cells(scenario, args.scenario, args.max_cells)
     check_writable(args.store)
     done = ok_cell_ids(args.store)
     todo = sum(c.cell_id not in done for c in cells)
@@ -315,6 +315,46 @@ def cmd_compact(args) -> int:
     return 0
 
 
+def cmd_check(args) -> int:
+    """Every unreadable row file and every artifact that fails its content hash; `--repair`
+    removes them (their cells run again on the next `harness run`). Exit 1 when something
+    is wrong and was not repaired."""
+    from harness.artifacts import check_store_artifacts, remove_folder
+    from harness.fs import open_store
+    from results.store import stale_temp_files, unreadable_files
+
+    n_rows, rows = unreadable_files(args.store)
+    n_artifacts, artifacts = check_store_artifacts(args.store)
+    temps = stale_temp_files(args.store)
+    for path in rows:
+        print(f"unreadable row file: {path}")
+    for folder, why in artifacts:
+        print(f"bad artifact {folder}: {why}")
+    for path in temps:
+        print(f"stale temp file: {path}")
+    print(
+        f"{args.store}: {n_rows} row files ({len(rows)} unreadable), {n_artifacts} artifacts "
+        f"({len(artifacts)} bad), {len(temps)} stale temp files"
+    )
+    if not (rows or artifacts or temps):
+        return 0
+    if not args.repair:
+        print("run `harness check --repair` to remove them (their cells are recomputed)")
+        return 1
+    fs, _ = open_store(args.store)
+    for path in rows + temps:
+        fs.delete_file(path)
+    removed: set[str] = set()
+    while artifacts:  # an artifact pointing to a removed model goes too (next pass finds it)
+        for folder in dict.fromkeys(folder for folder, _ in artifacts):
+            remove_folder(args.store, folder)
+            removed.add(folder)
+        artifacts = check_store_artifacts(args.store)[1]
+    print(f"removed {len(rows)} row files, {len(removed)} artifacts and {len(temps)} temp "
+          "files; `harness run` recomputes what they held")
+    return 0
+
+
 def cmd_bench(args) -> int:
     from harness import bench
 
@@ -344,9 +384,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-in-flight", type=positive_int, default=None, help="cells submitted at once"
     )
     run.add_argument("--no-progress", action="store_true")
+    max_cells_help = "refuse a grid of more cells, before expanding it (default: 1,000,000)"
+    run.add_argument("--max-cells", type=positive_int, default=1_000_000, help=max_cells_help)
     run.set_defaults(fn=cmd_run)
     val = sub.add_parser("validate", help="check a scenario and count its cells and stage tasks")
     val.add_argument("scenario")
+    val.add_argument("--max-cells", type=positive_int, default=1_000_000, help=max_cells_help)
     val.set_defaults(fn=cmd_validate)
     lst = sub.add_parser("list", help="registered names")
     lst.add_argument(
@@ -387,6 +430,12 @@ def build_parser() -> argparse.ArgumentParser:
     comp = sub.add_parser("compact", help="merge per-cell Parquet files (fast scans of big stores)")
     comp.add_argument("store", nargs="?", default=DEFAULT_STORE)
     comp.set_defaults(fn=cmd_compact)
+    check = sub.add_parser(
+        "check", help="find unreadable row files and artifacts failing their content hash"
+    )
+    check.add_argument("store", nargs="?", default=DEFAULT_STORE)
+    check.add_argument("--repair", action="store_true", help="remove what is found")
+    check.set_defaults(fn=cmd_check)
     bench = sub.add_parser("bench", help="speed figures (printed, never asserted)")
     bench.add_argument("what", choices=["scheduler", "store", "train", "all"])
     bench.add_argument("--cells", type=positive_int, default=1000)

@@ -72,5 +72,10 @@ class TransientError(HarnessError):
     """Storage or network hiccup: Ray retries the task."""
 
 
+class CorruptFile(HarnessError):
+    """A stored file that cannot be read back or whose content hash does not match its meta
+    (truncated, altered): its path is in the message; `harness check --repair` removes it."""
+
+
 class CellFailed(HarnessError):
     """A deterministic failure inside a cell (NaN loss, bad parameter): recorded, not retried."""

@@ -19,15 +19,24 @@ def open_store(uri: str) -> tuple[pafs.FileSystem, str]:
 
 
 def atomic_write(fs: pafs.FileSystem, path: str, data: bytes) -> None:
-    """Readers see the whole file or none: temp file + rename locally, one PUT on object stores."""
+    """Readers see the whole file or none: locally a temp file, fsynced, renamed over the
+    target, then the folder fsynced (the rename survives a power cut); one PUT on object
+    stores (atomic there)."""
     parent, name = path.rsplit("/", 1)
     try:
         fs.create_dir(parent, recursive=True)
         if isinstance(fs, pafs.LocalFileSystem):
             tmp = f"{parent}/.{name}.{uuid.uuid4().hex}.tmp"
-            with fs.open_output_stream(tmp) as f:
+            with open(tmp, "wb") as f:
                 f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
             os.replace(tmp, path)
+            folder = os.open(parent, os.O_RDONLY)
+            try:
+                os.fsync(folder)
+            finally:
+                os.close(folder)
         else:
             with fs.open_output_stream(path) as f:
                 f.write(data)

@@ -17,6 +17,7 @@ import functools
 import math
 import re
 import socket
+import sys
 import time
 import traceback
 from collections.abc import Callable
@@ -70,7 +71,11 @@ def stage(name: str) -> Callable:
                 return bad
             artifacts = ArtifactStore(store)
             if artifacts.has(name, key):
-                return {**artifacts.load_meta(name, key), "cached": True}
+                meta, problem = artifacts.check(name, key)
+                if problem is None:
+                    return {**meta, "cached": True}
+                print(f"recomputing {name} {key}: {problem}", file=sys.stderr)
+                artifacts.remove(name, key)
             start = time.perf_counter()
             try:
                 meta = fn(Cell.from_dict(cell), key, artifacts, device, *upstream)

@@ -5,13 +5,19 @@
 
 `compact` merges a partition's per-cell files into one file for fast scans of large stores;
 readers keep the newest row per cell_id, so compacted and fresh files can coexist.
+
+Files carry Parquet page checksums. A file that cannot be read back (truncated, altered) is
+skipped by every reader with a `StoreWarning` naming it, and its cell counts as not done, so
+the next `harness run` recomputes it and writes a good file in its place.
 """
 
 from __future__ import annotations
 
 import io
 import json
+import os
 import uuid
+import warnings
 from datetime import datetime, timezone
 from typing import Any
 
@@ -27,6 +33,24 @@ from results.schema import COLUMNS, SCHEMA, SCHEMA_VERSION
 
 FAILED_SUFFIX = ".failed.parquet"
 PART_PREFIX = "part-"
+MAGIC = b"PAR1"  # a Parquet file starts and ends with it: a truncated file lacks the end
+FORMAT = ds.ParquetFileFormat(
+    default_fragment_scan_options=ds.ParquetFragmentScanOptions(page_checksum_verification=True)
+)
+
+
+class StoreWarning(UserWarning):
+    """Unreadable files were skipped (their paths are in the message)."""
+
+
+def _warn_skipped(bad: list[str]) -> None:
+    shown = ", ".join(bad[:5]) + (f" … and {len(bad) - 5} more" if len(bad) > 5 else "")
+    warnings.warn(
+        f"skipped {len(bad)} unreadable result file(s) (their cells count as not done; "
+        f"`harness check --repair` removes them): {shown}",
+        StoreWarning,
+        stacklevel=3,
+    )
 
 
 def _partition(fs_root: str, method: str, attack: str) -> str:
@@ -41,7 +65,7 @@ def rows_to_table(rows: list[dict[str, Any]]) -> pa.Table:
 
 def _parquet_bytes(table: pa.Table) -> bytes:
     buf = io.BytesIO()
-    pq.write_table(table, buf, compression="zstd")
+    pq.write_table(table, buf, compression="zstd", write_page_checksum=True)
     return buf.getvalue()
 
 
@@ -60,21 +84,74 @@ def write_row(store: str, row: dict[str, Any]) -> str:
     atomic_write(fs, path, _parquet_bytes(rows_to_table([row])))
     stale = f"{folder}/{_cell_file(row, not ok)}"
     if exists(fs, stale):
-        fs.delete_file(stale)
+        try:
+            fs.delete_file(stale)
+        except FileNotFoundError:
+            pass  # `compact` merged it away meanwhile
     return path
 
 
 def read_table(store: str, columns: list[str] | None = None) -> pa.Table:
-    """All rows under the fixed schema (newest per cell_id), or an empty table."""
+    """All rows under the fixed schema (newest per cell_id), or an empty table. Unreadable
+    files are skipped with a `StoreWarning` naming them."""
     fs, root = open_store(store)
     base = f"{root}/results"
     if not exists(fs, base):
         return SCHEMA.empty_table().select(columns or COLUMNS)
     want = list(dict.fromkeys([*(columns or COLUMNS), "cell_id", "created_at"]))
     dataset = ds.dataset(
-        base, schema=SCHEMA, format="parquet", filesystem=fs, ignore_prefixes=[".", "_"]
+        base, schema=SCHEMA, format=FORMAT, filesystem=fs, ignore_prefixes=[".", "_"]
     )
-    return _newest_per_cell(dataset.to_table(columns=want)).select(columns or COLUMNS)
+    try:
+        table = dataset.to_table(columns=want)
+    except (OSError, pa.ArrowException):  # one bad file: read file by file, skip the bad
+        table = _read_readable(fs, dataset.files, want)
+    return _newest_per_cell(table).select(columns or COLUMNS)
+
+
+def _read_readable(fs: pafs.FileSystem, files: list[str], columns: list[str]) -> pa.Table:
+    tables, bad = [], []
+    for path in files:
+        try:
+            tables.append(_read_file(fs, path, columns))
+        except (OSError, pa.ArrowException):
+            bad.append(path)
+    if bad:
+        _warn_skipped(bad)
+    return pa.concat_tables(tables) if tables else SCHEMA.empty_table().select(columns)
+
+
+def _read_file(fs: pafs.FileSystem, path: str, columns: list[str] | None = None) -> pa.Table:
+    """One result file, every page checksum verified."""
+    return ds.dataset(path, schema=SCHEMA, format=FORMAT, filesystem=fs).to_table(columns=columns)
+
+
+def unreadable_files(store: str) -> tuple[int, list[str]]:
+    """(result files checked, those that cannot be read back in full), for `harness check`."""
+    fs, root = open_store(store)
+    files, bad = _result_files(fs, root), []
+    for info in files:
+        try:
+            _read_file(fs, info.path)
+        except (OSError, pa.ArrowException):
+            bad.append(info.path)
+    return len(files), bad
+
+
+def stale_temp_files(store: str, older_than_s: float = 3600) -> list[str]:
+    """Half-written temp files (`.NAME.HEX.tmp`, `.NAME.HEX.compacting`) that a killed
+    process left and no live writer can still be using (older than `older_than_s`)."""
+    fs, root = open_store(store)
+    selector = pafs.FileSelector(root, recursive=True, allow_not_found=True)
+    cutoff = (datetime.now(timezone.utc).timestamp() - older_than_s) * 1e9
+    return [
+        i.path
+        for i in fs.get_file_info(selector)
+        if i.type == pafs.FileType.File
+        and i.base_name.startswith(".")
+        and i.base_name.endswith((".tmp", ".compacting"))
+        and (i.mtime_ns or 0) < cutoff
+    ]
 
 
 def _newest_per_cell(table: pa.Table) -> pa.Table:
@@ -105,40 +182,109 @@ def _result_files(fs: pafs.FileSystem, root: str) -> list[pafs.FileInfo]:
     ]
 
 
+def _intact_end(fs: pafs.FileSystem, info: pafs.FileInfo) -> bool:
+    """Whether a local file ends with Parquet's magic bytes (a truncated one does not); object
+    stores write whole objects, so only the size is checked there."""
+    if info.size is None or info.size < 2 * len(MAGIC) + 4:
+        return False
+    if not isinstance(fs, pafs.LocalFileSystem):
+        return True
+    try:
+        with open(info.path, "rb") as f:
+            f.seek(-len(MAGIC), os.SEEK_END)
+            return f.read() == MAGIC
+    except OSError:
+        return False
+
+
 def ok_cell_ids(store: str) -> set[str]:
-    """Cells stored with status ok, from the file names (plus compacted parts), without a scan."""
+    """Cells stored with status ok, from the file names (plus compacted parts), without a scan.
+    A truncated file does not count: its cell runs again."""
     fs, root = open_store(store)
     files = _result_files(fs, root)
     parts = [f.path for f in files if f.base_name.startswith(PART_PREFIX)]
-    cells = [f.base_name for f in files if not f.base_name.startswith(PART_PREFIX)]
-    ok = {n.removesuffix(".parquet") for n in cells if not n.endswith(FAILED_SUFFIX)}
-    failed = {n.removesuffix(FAILED_SUFFIX) for n in cells if n.endswith(FAILED_SUFFIX)}
+    cells = [f for f in files if not f.base_name.startswith(PART_PREFIX)]
+    bad = [f.path for f in cells if not _intact_end(fs, f)]
+    names = [f.base_name for f in cells if f.path not in set(bad)]
+    ok = {n.removesuffix(".parquet") for n in names if not n.endswith(FAILED_SUFFIX)}
+    failed = {n.removesuffix(FAILED_SUFFIX) for n in names if n.endswith(FAILED_SUFFIX)}
     if parts:
-        table = ds.dataset(parts, schema=SCHEMA, format="parquet", filesystem=fs).to_table(
-            columns=["cell_id", "status"]
-        )
+        try:
+            table = ds.dataset(parts, schema=SCHEMA, format="parquet", filesystem=fs).to_table(
+                columns=["cell_id", "status"]
+            )
+        except (OSError, pa.ArrowException):
+            table = _read_readable(fs, parts, ["cell_id", "status"])
         ok |= set(table.filter(pc.equal(table["status"], "ok"))["cell_id"].to_pylist())
+    if bad:
+        _warn_skipped(bad)
     return ok - failed  # both files left by a crash mid-rewrite: run the cell again
 
 
 def compact(store: str) -> int:
-    """Merge each partition's files into one; returns the number of files merged away."""
+    """Merge each partition's files into one; returns the number of files merged away.
+
+    Safe while a driver writes: the merged file is written first, then each source file is
+    removed only if it is still the file that was read (a row rewritten meanwhile stays, and
+    readers keep the newest row per cell). Unreadable files are left for `harness check`."""
     fs, root = open_store(store)
     merged = 0
-    parts: dict[str, list[str]] = {}
+    parts: dict[str, list[pafs.FileInfo]] = {}
     for info in _result_files(fs, root):
-        parts.setdefault(info.path.rsplit("/", 1)[0], []).append(info.path)
-    for folder, files in parts.items():
-        if len(files) < 2:
+        parts.setdefault(info.path.rsplit("/", 1)[0], []).append(info)
+    local = isinstance(fs, pafs.LocalFileSystem)
+    for folder, infos in parts.items():
+        if len(infos) < 2:
             continue
-        table = _newest_per_cell(
-            ds.dataset(files, schema=SCHEMA, format="parquet", filesystem=fs).to_table()
-        )
+        seen = {i.path: _identity(i, local) for i in infos}
+        tables, read = [], []
+        for info in infos:
+            try:
+                tables.append(_read_file(fs, info.path))
+                read.append(info.path)
+            except (OSError, pa.ArrowException):
+                continue
+        if len(read) < 2:
+            continue
+        table = _newest_per_cell(pa.concat_tables(tables))
         atomic_write(fs, f"{folder}/{PART_PREFIX}{uuid.uuid4().hex}.parquet", _parquet_bytes(table))
-        for f in files:
-            fs.delete_file(f)
-        merged += len(files)
+        for path in read:
+            merged += _remove_if_unchanged(fs, path, seen[path], local)
     return merged
+
+
+def _identity(info: pafs.FileInfo, local: bool) -> tuple:
+    if local:
+        st = os.stat(info.path)
+        return st.st_ino, st.st_mtime_ns, st.st_size
+    return info.mtime_ns, info.size
+
+
+def _remove_if_unchanged(fs: pafs.FileSystem, path: str, seen: tuple, local: bool) -> int:
+    """Remove `path` if it is still the file `seen` describes; 1 if removed. Locally the file
+    is first renamed aside (atomic), so a row a driver writes at `path` meanwhile survives."""
+    if not local:
+        info = fs.get_file_info(path)
+        if info.type == pafs.FileType.File and (info.mtime_ns, info.size) == seen:
+            fs.delete_file(path)
+            return 1
+        return 0
+    folder, name = path.rsplit("/", 1)
+    aside = f"{folder}/.{name}.{uuid.uuid4().hex}.compacting"
+    try:
+        os.rename(path, aside)
+    except FileNotFoundError:
+        return 0  # already replaced by the driver's other-status file and removed
+    st = os.stat(aside)
+    if (st.st_ino, st.st_mtime_ns, st.st_size) != seen:  # written after we read it: keep it
+        try:
+            os.link(aside, path)
+        except FileExistsError:
+            pass  # an even newer file is there already
+        os.unlink(aside)
+        return 0
+    os.unlink(aside)
+    return 1
 
 
 def write_manifest(store: str, run_id: str, manifest: dict[str, Any]) -> None:

@@ -345,3 +345,36 @@ def test_error_column_is_one_clean_line() -> None:
     raw = "attack: OSError: \x1b[31m[errno 30] read-only\x1b[0m\nmore detail\nand more"
     assert one_line(raw) == "attack: OSError: [errno 30] read-only …"
     assert len(one_line("x" * 5000)) == 500
+
+
+def test_compact_while_a_driver_writes_loses_no_row(tmp_path: Path) -> None:
+    """A writer thread stores 400 cells, a third of them failed first and rewritten ok (the
+    driver's other-status file), while `compact` runs over and over: every cell ends with
+    its newest row, none lost or stale, no file unreadable."""
+    import threading
+
+    store = str(tmp_path)
+    n = 400
+    done = threading.Event()
+
+    def writer() -> None:
+        for i in range(n):
+            if i % 3 == 0:
+                write_row(store, make_row(i, status="failed", created_at=T0))
+            write_row(store, make_row(i, created_at=T0 + timedelta(seconds=1)))
+        done.set()
+
+    thread = threading.Thread(target=writer)
+    thread.start()
+    passes = 0
+    while not done.is_set():
+        compact(store)
+        passes += 1
+    thread.join()
+    compact(store)
+    df = load(store)
+    assert passes > 1, "compact never overlapped the writer"
+    assert len(df) == n and df["cell_id"].is_unique
+    assert (df["status"] == "ok").all()
+    assert ok_cell_ids(store) == {f"cell{i:03d}" for i in range(n)}
+    assert not list(tmp_path.rglob(".*")), "temp or set-aside files left behind"
