@@ -10,8 +10,11 @@ unchanged model is stored as a reference to the artifact it came from, not copie
 from __future__ import annotations
 
 import hashlib
+import hmac
 import io
 import json
+import os
+import secrets
 from typing import Any
 
 import pyarrow.fs as pafs
@@ -38,6 +41,43 @@ def sha256(data: bytes) -> str:
 
 
 META, MODEL, SECRET = "meta.json", "model.pt", "key.pt"
+OWNER_SECRET = "secrets/owner.key"  # under the store root; never in a row or a manifest
+_OWNER_SECRETS: dict[str, bytes] = {}  # per store, per process
+
+
+def owner_secret(uri: str) -> bytes:
+    """The store's owner secret: 32 random bytes made once per store (mode 0600 in a 0700
+    folder on a local store), read back ever after. Every key, trigger set and passport a
+    plug-in makes derives from it (`ArtifactStore.owner_seed`), so the seeds and parameters
+    printed in every row cannot regenerate them, while reruns on the same store can."""
+    if uri not in _OWNER_SECRETS:
+        fs, root = open_store(uri)
+        path = f"{root}/{OWNER_SECRET}"
+        if not exists(fs, path):
+            _create_secret(fs, path)
+        _OWNER_SECRETS[uri] = bytes.fromhex(read_bytes(fs, path).decode().strip())
+    return _OWNER_SECRETS[uri]
+
+
+def new_owner_secret() -> str:
+    """32 random bytes as hex (tests replace this to make their stores reproducible)."""
+    return secrets.token_hex(32)
+
+
+def _create_secret(fs: pafs.FileSystem, path: str) -> None:
+    text = new_owner_secret().encode()
+    if not isinstance(fs, pafs.LocalFileSystem):
+        atomic_write(fs, path, text)  # object stores: the bucket's own access control
+        return
+    os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+    try:  # O_EXCL: of two processes making it at once, one wins and both read its bytes
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        return
+    with os.fdopen(fd, "wb") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
 
 
 class ArtifactStore:
@@ -71,9 +111,17 @@ class ArtifactStore:
             meta["model_ref"] = list(model_ref)
             meta["model_sha256"] = self.load_meta(*model_ref).get("model_sha256")
         if secret is not None:
-            meta["secret_sha256"] = self._write(stage, key, SECRET, _to_bytes(secret))
+            data = _to_bytes(secret)
+            atomic_write(self.fs, self.path(stage, key, SECRET), data, private=True)
+            meta["secret_sha256"] = sha256(data)
         atomic_write(self.fs, self.path(stage, key, META), json.dumps(meta).encode())
         return meta
+
+    def owner_seed(self, stage: str, key: str) -> int:
+        """A 62-bit seed for the secrets of one artifact: HMAC-SHA256 of its stage and key
+        under the store's owner secret."""
+        mac = hmac.new(owner_secret(self.uri), f"{stage}/{key}".encode(), hashlib.sha256)
+        return int.from_bytes(mac.digest()[:8], "big") >> 2
 
     def _write(self, stage: str, key: str, name: str, data: bytes) -> str:
         atomic_write(self.fs, self.path(stage, key, name), data)

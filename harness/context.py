@@ -21,6 +21,9 @@ class Context:
     spec: ModelSpec
     device: str
     seed: int
+    # embed and aux steps: the seed of every secret (keys, trigger sets, passports), derived
+    # from the store's owner secret and the stage key - never from a field printed in rows
+    owner_seed: int = 0
     inputs: dict[str, Artifact] = field(default_factory=dict)  # declared needs, by name
     marked: Artifact | None = None  # attack / verify: the embed artifact (its inputs too)
     evidence: dict | None = None  # verify: what the attack returned beside its model

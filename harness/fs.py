@@ -18,16 +18,17 @@ def open_store(uri: str) -> tuple[pafs.FileSystem, str]:
     return pafs.FileSystem.from_uri(uri)
 
 
-def atomic_write(fs: pafs.FileSystem, path: str, data: bytes) -> None:
+def atomic_write(fs: pafs.FileSystem, path: str, data: bytes, private: bool = False) -> None:
     """Readers see the whole file or none: locally a temp file, fsynced, renamed over the
     target, then the folder fsynced (the rename survives a power cut); one PUT on object
-    stores (atomic there)."""
+    stores (atomic there). `private`: mode 0600 (keys, the owner secret)."""
     parent, name = path.rsplit("/", 1)
     try:
         fs.create_dir(parent, recursive=True)
         if isinstance(fs, pafs.LocalFileSystem):
             tmp = f"{parent}/.{name}.{uuid.uuid4().hex}.tmp"
-            with open(tmp, "wb") as f:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600 if private else 0o666)
+            with os.fdopen(fd, "wb") as f:
                 f.write(data)
                 f.flush()
                 os.fsync(f.fileno())

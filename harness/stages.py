@@ -127,7 +127,10 @@ def _aux(cell: Cell, key: str, artifacts: ArtifactStore, device: str, *deps: dic
     runs with seed 0, so whichever cell computes it first gets the same result."""
     plugin, step = plugin_of_stage(cell, name)
     inputs = _inputs(artifacts, [need_name(n) for n in step.needs], deps, device)
-    ctx = context(cell, device, inputs=inputs, seed=cell.seed if step.needs else 0)
+    ctx = context(
+        cell, device, inputs=inputs, seed=cell.seed if step.needs else 0,
+        owner_seed=artifacts.owner_seed(name, key),
+    )
     seed_everything(ctx.seed)
     out = step.run(ctx)
     meta = {**out.meta, "spec": out.spec.to_dict() if out.spec is not None else None}
@@ -140,7 +143,10 @@ def embed(
 ) -> dict:
     method = method_of(cell)
     names = [need_name(n) for n in method.needs()]
-    ctx = context(cell, device, inputs=_inputs(artifacts, names, deps, device))
+    ctx = context(
+        cell, device, inputs=_inputs(artifacts, names, deps, device),
+        owner_seed=artifacts.owner_seed("embed", key),
+    )
     model = Artifact(artifacts, victim, device).model()
     seed_everything(cell.seed)
     out = method.embed(model, ctx)

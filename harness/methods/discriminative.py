@@ -223,7 +223,9 @@ def score(model, x: torch.Tensor, y: torch.Tensor, device) -> tuple[float, float
 @register("discriminative")
 class Discriminative(Method):
     Params = DiscriminativeParams
-    version = "2"  # 2: fixed control set drawn before the keys; scikit-image-matching SSIM
+    # 2: fixed control set drawn before the keys; scikit-image-matching SSIM. 3: pool drawn
+    # from the owner secret
+    version = "3"
     wm_metric = "key_acc"
     marks_weights = False
     metrics = (
@@ -293,7 +295,8 @@ class Discriminative(Method):
             for role in ("benign", "malicious")
             if f"simulate_{role}" in ctx.inputs
         }
-        pool = correct_pool(source, ctx.data.test, p.pool_size + p.n_control, ctx.seed, ctx.device)
+        n = p.pool_size + p.n_control
+        pool = correct_pool(source, ctx.data.test, n, ctx.owner_seed, ctx.device)
         control = Split(pool.x[: p.n_control], pool.y[: p.n_control])
         pool = Split(pool.x[p.n_control :], pool.y[p.n_control :])
         keys = generate_keys(source, pool, p, ctx.device, sims.get("benign"), sims.get("malicious"))

@@ -387,7 +387,7 @@ def probe_plain(model: nn.Module, secret: dict) -> list[PassportNorm] | None:
 @register("steg_passport")
 class StegPassport(Method):
     Params = StegPassportParams
-    version = "1"
+    version = "2"  # 2: ISN key, passports and user IDs derive from the store's owner secret
     wm_metric = "signature_detection"
     metrics = (
         Metric("ber", "bit error rate of the owner's signature (1 - detection)", False),
@@ -493,7 +493,8 @@ class StegPassport(Method):
         return [AuxStep("isn", self.train_isn, needs=(), params=ISN_PARAMS)]
 
     def train_isn(self, ctx) -> AuxOutput:
-        p = self.params
+        # the owner's key and the ISN's draws: from the owner secret (isn_seed is in the key)
+        p = self.params.model_copy(update={"isn_seed": ctx.owner_seed})
         size = p.isn_patch or ctx.data.image_size
         isn, key_image, stats = train_isn(p, ctx.data.channels, size, ctx.device)
         isn = isn.cpu()
@@ -514,7 +515,8 @@ class StegPassport(Method):
     # embed --------------------------------------------------------------------------------
 
     def embed(self, victim, ctx) -> Embedded:
-        p, d = self.params, ctx.data
+        # passports and user IDs: from the owner secret (passport_seed is in the embed key)
+        p, d = self.params.model_copy(update={"passport_seed": ctx.owner_seed}), ctx.data
         isn = load_isn(ctx.inputs["isn"])
         key_image = ctx.inputs["isn"].secret()["key"]
         if key_image.shape[-1] != d.image_size:  # an ISN trained at another patch size

@@ -51,6 +51,7 @@ def trigger_accuracy(model, key: dict, device) -> float:
 class TriggerSet(Method):
     Params = TriggerSetParams
     wm_metric = "trigger_acc"
+    version = "2"  # 2: the trigger set derives from the store's owner secret, not the seed
     metrics = null_model_metrics("trigger accuracy")
 
     @classmethod
@@ -65,7 +66,7 @@ class TriggerSet(Method):
         null_models = [ctx.inputs[f"null{i}"].model() for i in range(self.params.n_null)]
         p, d = self.params, ctx.data
         x, y = make_triggers(
-            p.n_keys, d.channels, d.image_size, d.num_classes, p.pattern, ctx.seed + 7919
+            p.n_keys, d.channels, d.image_size, d.num_classes, p.pattern, ctx.owner_seed
         )
         repeat = max(1, round(p.key_share * len(d.owner) / ((1 - p.key_share) * p.n_keys)))
         train_x = torch.cat([d.owner.x, x.repeat(repeat, 1, 1, 1)])

@@ -99,6 +99,7 @@ def bit_accuracy(model: nn.Module, key: dict) -> float | None:
 class Uchida(Method):
     Params = UchidaParams
     wm_metric = "bit_acc"
+    version = "2"  # 2: X and b derive from the store's owner secret, not the seed
     metrics = (
         *null_model_metrics("bit accuracy"),
         Metric("layer_found", "1 if the suspect has the marked layer (else read as chance)"),
@@ -123,7 +124,7 @@ class Uchida(Method):
     def embed(self, victim, ctx) -> Embedded:
         p = self.params
         layer, conv = pick_layer(victim, p)
-        g = torch.Generator().manual_seed(ctx.seed + 104729)
+        g = torch.Generator().manual_seed(ctx.owner_seed)
         x_proj = torch.randn(p.n_bits, conv.weight[0].numel(), generator=g)
         bits = torch.randint(0, 2, (p.n_bits,), generator=g).float()
         x_dev, b_dev = x_proj.to(ctx.device), bits.to(ctx.device)

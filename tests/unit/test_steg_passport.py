@@ -14,6 +14,7 @@ from harness.cells import Cell
 from harness.config import DatasetCfg, TrainCfg, parse_scenario
 from harness.errors import ConfigError
 from harness.grid import check_scenario
+from harness.image_metrics import psnr
 from harness.methods import METHODS, create_method
 from harness.methods.steg_passport import install
 from harness.stages import run_cell, verify_context
@@ -147,9 +148,16 @@ def test_forged_passports_are_not_detected(store):
 
 
 def test_licence_attacks_leave_the_model_and_report_reveal_quality(store):
-    near = run_cell(_cell("forged_user_passport"), store)
+    cell = _cell("forged_user_passport")
+    near = run_cell(cell, store)
     assert near["status"] == "ok", near.get("error")
-    assert near["metrics"]["forged_near_copy_psnr"] > 25  # started from the genuine licence
+    # It started from the genuine licence (user 0's stego passport) and 5 fidelity-weighted
+    # Adam steps moved it little: it is as near the owner's passport as that licence is. (How
+    # near the licence itself is depends on how well the tiny 30-step ISN hides.)
+    artifacts = ArtifactStore(store)
+    secret = artifacts.load_secret(artifacts.load_meta("embed", cell.embed_key()))
+    licence = psnr(secret["user_passports"][:1], secret["passport_gamma"][None].float() / 255)
+    assert near["metrics"]["forged_near_copy_psnr"] > licence.item() - 1.0
     assert near["metrics"]["forged_detection"] <= 0.65
     assert "forged_reveal_psnr" in near["metrics"]
     key = run_cell(_cell("forged_key"), store)
