@@ -1,16 +1,14 @@
-"""What a stage task runs: the real stages, a no-op (scheduler benchmarks, cluster tests), or
-either with one injected fault (fault tests). Passed to `scheduler.run_cells` as an object
-and pickled into each task, so the scheduler has no branch for any of them."""
+"""What a stage task runs: the real stages or a no-op (scheduler benchmarks, cluster tests).
+Passed to `scheduler.run_cells` as an object and pickled into each task, so the scheduler has
+no branch for either. Fault injection lives with the tests (tests/integration), never here."""
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
-from dataclasses import dataclass
 
 from harness import stages
-from harness.errors import TransientError
-from results.store import write_row
+from harness.claims import claimed
+from results.store import ok_row_exists, write_row
 
 
 class Executor:
@@ -22,9 +20,20 @@ class Executor:
         return stages.get_stage(name)
 
     def verify(self, cell: dict, store: str, device: str, run: dict, *upstream: dict) -> dict:
-        row = stages.verify(cell, store, device, run, *upstream)
-        write_row(store, row)
-        return row
+        """The cell's row, computed and written unless another driver on the store holds or
+        has written it (then `elsewhere`); `computed`: the stages this run computed for it."""
+        c = stages.Cell.from_dict(cell)
+        computed = [list(p) for p in sorted(stages.computed_upstream(upstream))]
+
+        def done() -> bool:
+            return ok_row_exists(store, c.method, c.attack, c.cell_id)
+
+        with claimed(store, "verify", c.cell_id, done) as mine:
+            if not mine:
+                return {"status": "ok", "elsewhere": True, "computed": computed}
+            row = stages.verify(cell, store, device, run, *upstream)
+            write_row(store, row)
+        return {**row, "computed": computed}
 
     def record_failure(self, cell: dict, store: str, run: dict, error: str) -> None:
         """A cell whose tasks died for good (retries spent) still gets its failed row."""
@@ -50,46 +59,6 @@ class NoopExecutor(Executor):
 
 def _noop_stage(cell: dict, key: str, store: str, device: str, *upstream: dict) -> dict:
     return {"key": key}
-
-
-@dataclass
-class FaultInjector(Executor):
-    """`inner`, except that the first task of `stage` (`verify` included) fails: `transient`
-    raises a TransientError (Ray retries it), `crash` kills the worker process. `marker` is a
-    file made on the first fault, so the retry runs clean."""
-
-    kind: str
-    stage_name: str
-    marker: str
-    inner: Executor = Executor()
-
-    @property
-    def writes(self) -> bool:  # type: ignore[override]
-        return self.inner.writes
-
-    def _fault(self, stage: str) -> None:
-        if stage != self.stage_name or os.path.exists(self.marker):
-            return
-        open(self.marker, "w").close()
-        if self.kind == "crash":
-            os._exit(1)
-        raise TransientError(f"injected transient fault in {stage}")
-
-    def stage(self, name: str) -> Callable:
-        fn = self.inner.stage(name)
-
-        def run(*args, **kwargs):
-            self._fault(name)
-            return fn(*args, **kwargs)
-
-        return run
-
-    def verify(self, cell: dict, store: str, device: str, run: dict, *upstream: dict) -> dict:
-        self._fault("verify")
-        return self.inner.verify(cell, store, device, run, *upstream)
-
-    def record_failure(self, cell: dict, store: str, run: dict, error: str) -> None:
-        self.inner.record_failure(cell, store, run, error)
 
 
 REAL = Executor()

@@ -4,11 +4,34 @@ results reader stays light. Part of the dependency-free base with `errors` and `
 from __future__ import annotations
 
 import os
+import time
 import uuid
+from collections.abc import Callable
+from typing import TypeVar
 
 import pyarrow.fs as pafs
 
 from harness.errors import ConfigError, TransientError
+
+T = TypeVar("T")
+BACKOFF_S = (0.2, 0.5, 1.0, 2.0)  # object stores: the wait before each retry of a failed call
+
+
+def retrying(fs: pafs.FileSystem, call: Callable[[], T], what: str) -> T:
+    """`call` on an object store, retried with backoff on errors (503 SlowDown, a dropped
+    connection), then a TransientError for Ray to retry the task; local calls run once."""
+    if isinstance(fs, pafs.LocalFileSystem):
+        return call()
+    for wait in (*BACKOFF_S, None):
+        try:
+            return call()
+        except FileNotFoundError:
+            raise
+        except OSError as e:
+            if wait is None:
+                raise TransientError(f"{what}: {e}") from e
+            time.sleep(wait)
+    raise AssertionError("unreachable")
 
 
 def open_store(uri: str) -> tuple[pafs.FileSystem, str]:
@@ -39,8 +62,7 @@ def atomic_write(fs: pafs.FileSystem, path: str, data: bytes, private: bool = Fa
             finally:
                 os.close(folder)
         else:
-            with fs.open_output_stream(path) as f:
-                f.write(data)
+            retrying(fs, lambda: _put(fs, path, data), f"writing {path}")
     except OSError as e:
         raise TransientError(f"writing {path}: {e}") from e
 
@@ -69,10 +91,19 @@ def check_writable(uri: str) -> None:
         ) from None
 
 
+def _put(fs: pafs.FileSystem, path: str, data: bytes) -> None:
+    with fs.open_output_stream(path) as f:
+        f.write(data)
+
+
 def read_bytes(fs: pafs.FileSystem, path: str) -> bytes:
-    with fs.open_input_stream(path) as f:
-        return f.read()
+    def read() -> bytes:
+        with fs.open_input_stream(path) as f:
+            return f.read()
+
+    return retrying(fs, read, f"reading {path}")
 
 
 def exists(fs: pafs.FileSystem, path: str) -> bool:
-    return fs.get_file_info(path).type != pafs.FileType.NotFound
+    info = retrying(fs, lambda: fs.get_file_info(path), f"looking up {path}")
+    return info.type != pafs.FileType.NotFound

@@ -26,6 +26,7 @@ from typing import Any
 from harness import __version__, data
 from harness.artifacts import Artifact, ArtifactStore
 from harness.cells import Cell, Job, attack_of, canonical, method_of, plugin_of_stage
+from harness.claims import claimed
 from harness.config import DatasetCfg, TrainCfg
 from harness.context import Context
 from harness.data import load_splits
@@ -61,8 +62,26 @@ def _failed(metas: tuple[dict, ...]) -> dict | None:
     return next((m for m in metas if m.get("failed")), None)
 
 
+def computed_upstream(upstream: tuple[dict, ...]) -> set[tuple[str, str]]:
+    """The (stage, key) pairs this run computed for a chain (run statistics, never saved)."""
+    return {tuple(pair) for meta in upstream for pair in meta.get("computed", ())}
+
+
+def _cached(artifacts: ArtifactStore, name: str, key: str) -> dict | None:
+    """A stored artifact whose files check out; a corrupt one is removed (then recomputed)."""
+    if not artifacts.has(name, key):
+        return None
+    meta, problem = artifacts.check(name, key)
+    if problem is None:
+        return meta
+    print(f"recomputing {name} {key}: {problem}", file=sys.stderr)
+    artifacts.remove(name, key)
+    return None
+
+
 def stage(name: str) -> Callable:
-    """Cache lookup, upstream-failure short-circuit, timing, and failure capture."""
+    """Cache lookup, a claim so that no other driver computes the stage at the same time
+    (`harness.claims`), upstream-failure short-circuit, timing, and failure capture."""
 
     def decorate(fn: Callable) -> Callable:
         @functools.wraps(fn)
@@ -70,24 +89,26 @@ def stage(name: str) -> Callable:
             if (bad := _failed(upstream)) is not None:
                 return bad
             artifacts = ArtifactStore(store)
-            if artifacts.has(name, key):
-                meta, problem = artifacts.check(name, key)
-                if problem is None:
-                    return {**meta, "cached": True}
-                print(f"recomputing {name} {key}: {problem}", file=sys.stderr)
-                artifacts.remove(name, key)
-            start = time.perf_counter()
-            try:
-                meta = fn(Cell.from_dict(cell), key, artifacts, device, *upstream)
-            except TransientError:
-                raise
-            except Exception as e:  # noqa: BLE001 - deterministic failures become rows
-                return {
-                    "failed": True,
-                    "error": one_line(f"{name}: {type(e).__name__}: {e}"),
-                    "traceback": traceback.format_exc(),
-                }
-            return {**meta, "cached": False, "seconds": time.perf_counter() - start}
+            computed = sorted(computed_upstream(upstream))
+            if (meta := _cached(artifacts, name, key)) is not None:
+                return {**meta, "cached": True, "computed": computed}
+            with claimed(store, name, key, lambda: artifacts.has(name, key)) as mine:
+                if not mine and (meta := _cached(artifacts, name, key)) is not None:
+                    return {**meta, "cached": True, "computed": computed}  # another driver's
+                start = time.perf_counter()
+                try:
+                    meta = fn(Cell.from_dict(cell), key, artifacts, device, *upstream)
+                except TransientError:
+                    raise
+                except Exception as e:  # noqa: BLE001 - deterministic failures become rows
+                    return {
+                        "failed": True,
+                        "error": one_line(f"{name}: {type(e).__name__}: {e}"),
+                        "traceback": traceback.format_exc(),
+                    }
+            seconds = time.perf_counter() - start
+            computed = sorted({*map(tuple, computed), (name, key)})
+            return {**meta, "cached": False, "seconds": seconds, "computed": computed}
 
         run.stage_name = name
         return run

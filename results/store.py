@@ -91,6 +91,12 @@ def write_row(store: str, row: dict[str, Any]) -> str:
     return path
 
 
+def ok_row_exists(store: str, method: str, attack: str, cell_id: str) -> bool:
+    """Whether the cell's ok row file is there (one stat, for claims)."""
+    fs, root = open_store(store)
+    return exists(fs, f"{_partition(root, method, attack)}/{cell_id}.parquet")
+
+
 def read_table(store: str, columns: list[str] | None = None) -> pa.Table:
     """All rows under the fixed schema (newest per cell_id), or an empty table. Unreadable
     files are skipped with a `StoreWarning` naming them."""

@@ -5,11 +5,18 @@ from __future__ import annotations
 import math
 import os
 import signal
+import sys
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pyarrow.parquet as pq
+import ray.cloudpickle
+
+from harness.errors import TransientError
+from harness.executors import Executor
 
 # Columns that legitimately differ between two runs of the same cell.
 RUN_SPECIFIC = {"run_id", "created_at", "duration_s", "stage_seconds", "node", "git_sha"}
@@ -125,3 +132,47 @@ def listening_addresses(pids: set[int]) -> set[str]:
             if fields[3] == "0A" and fields[9] in inodes:  # 0A: LISTEN
                 found.add(_hex_ip(fields[1].split(":")[0]))
     return found
+
+
+@dataclass
+class FaultInjector(Executor):
+    """`inner`, except that the first task of `stage` (`verify` included) fails: `transient`
+    raises a TransientError (Ray retries it), `crash` kills the worker process. `marker` is a
+    file made on the first fault, so the retry runs clean."""
+
+    kind: str
+    stage_name: str
+    marker: str
+    inner: Executor = Executor()
+
+    @property
+    def writes(self) -> bool:  # type: ignore[override]
+        return self.inner.writes
+
+    def _fault(self, stage: str) -> None:
+        if stage != self.stage_name or os.path.exists(self.marker):
+            return
+        open(self.marker, "w").close()
+        if self.kind == "crash":
+            os._exit(1)
+        raise TransientError(f"injected transient fault in {stage}")
+
+    def stage(self, name: str) -> Callable:
+        fn = self.inner.stage(name)
+
+        def run(*args, **kwargs):
+            self._fault(name)
+            return fn(*args, **kwargs)
+
+        return run
+
+    def verify(self, cell: dict, store: str, device: str, run: dict, *upstream: dict) -> dict:
+        self._fault("verify")
+        return self.inner.verify(cell, store, device, run, *upstream)
+
+    def record_failure(self, cell: dict, store: str, run: dict, error: str) -> None:
+        self.inner.record_failure(cell, store, run, error)
+
+
+# Ray workers cannot import this test module: ship the class (not a reference) with each task.
+ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])

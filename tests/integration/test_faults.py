@@ -5,18 +5,19 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pandas as pd
 import pytest
 import yaml
-from integration_support import comparable, result_files, tiny_scenario_dict
+from integration_support import FaultInjector, comparable, result_files, tiny_scenario_dict
 
 from harness import scheduler
 from harness.config import parse_scenario
-from harness.executors import FaultInjector
 from harness.grid import expand_cells
 from results import load
 from results.store import ok_cell_ids
@@ -166,3 +167,23 @@ def test_harness_run_exits_3_when_a_cell_failed_and_0_once_all_are_ok(tmp_path):
     path.write_text(yaml.safe_dump(good))
     second = subprocess.run(argv, capture_output=True, text=True, timeout=300, env=env)
     assert second.returncode == 0, second.stderr[-2000:]
+
+
+def test_a_node_removed_mid_run_loses_and_duplicates_nothing(tmp_path):
+    """A two-node `Cluster` (own process); the worker node is removed once the first row is
+    stored. Ray retries the tasks that died with it on the head: every cell ends ok, once."""
+    ray_tmp = tempfile.mkdtemp(prefix="wmn", dir="/tmp")  # short: Unix socket path limit
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    try:
+        proc = subprocess.run(
+            [sys.executable, str(Path(__file__).with_name("node_loss_driver.py")), str(tmp_path)],
+            capture_output=True, text=True, timeout=600, env={**env, "RAY_TMPDIR": ray_tmp},
+        )
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    facts = json.loads((tmp_path / "facts.json").read_text())
+    assert facts["removed"], "the worker node was gone before the fault"
+    assert facts["removed_after_rows"] < facts["cells"], "removed after the run had finished"
+    assert (facts["ok"], facts["failed"]) == (facts["cells"], 0), facts["failures"]
+    assert sorted(facts["stored"]) == facts["expected"]  # every cell once: none lost, none twice
