@@ -1,14 +1,17 @@
 """`harness bench`: speed figures, printed and never asserted.
 
 - scheduler (also prints the store figures): per-cell driver + Ray cost of the harness on
-  no-op stages vs the same 4-task chains submitted as bare Ray tasks;
+  no-op stages vs the same 4-task chains submitted as bare Ray tasks, and the driver's RSS
+  (peak, and its growth from 1/10 of the cells to the end: flat when refs are released);
 - store: Parquet rows written / read per second, per-cell files and compacted;
 - train: images/s of the harness training loop vs a plain PyTorch loop on the same model.
 """
 
 from __future__ import annotations
 
+import os
 import statistics
+import sys
 import tempfile
 import time
 
@@ -24,7 +27,32 @@ def _noop_cells(n: int) -> list[Cell]:
     ]
 
 
+def _rss_mb() -> float:
+    """This process's resident memory now, MB (Linux; elsewhere its peak so far)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except (OSError, ValueError):
+        return _peak_rss_mb()
+
+
+def _peak_rss_mb() -> float:
+    import resource  # lazy: not on every platform
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 1024  # bytes there, KiB here
+
+
+def _growth(first: float, last: float, cells: int) -> str:
+    """RSS growth from 1/10 of the cells to the end, and whether that is flat (under 16 MB,
+    or under half a KB per cell)."""
+    grown = last - first
+    flat = grown < 16 or grown * 1024 / max(cells, 1) < 0.5
+    return f"{grown:+7.1f} MB from 1/10 to the end ({'flat' if flat else 'GROWING'})"
+
+
 def bench_scheduler(n_cells: int) -> None:
+    """The harness first (so that its driver RSS figures are its own), then bare Ray."""
     import ray  # lazy: start-up time
 
     from harness import scheduler  # lazy: start-up time
@@ -36,30 +64,51 @@ def bench_scheduler(n_cells: int) -> None:
         return {"key": "x"}
 
     ray.get([noop.remote() for _ in range(200)])  # warm the worker pool
+    warm = _noop_cells(200)  # the harness's workers import torch once: keep that out of the figure
+    scheduler.run_cells(warm, "unused", resources=Resources(), executor=NOOP, resume=False)
+    tenth = max(1, n_cells // 10)
+    cells = _noop_cells(n_cells)
+    rss = {"start": _rss_mb()}
+
+    def progress(summary, running: int) -> None:
+        if "tenth" not in rss and summary.ok + summary.failed >= tenth:
+            rss["tenth"] = _rss_mb()
+
+    start = time.perf_counter()
+    summary = scheduler.run_cells(
+        cells, "unused", resources=Resources(), executor=NOOP, resume=False, progress=progress
+    )
+    harness = (time.perf_counter() - start) / n_cells
+    rss["end"], rss["peak"] = _rss_mb(), _peak_rss_mb()
+
+    bare_rss = {}
     start = time.perf_counter()
     finals = []
-    for _ in range(n_cells):
+    for i in range(n_cells):
         v = noop.remote()
         e = noop.remote(v)
         a = noop.remote(e)
         finals.append(noop.remote(v, e, a))
+        if i + 1 == tenth:
+            bare_rss["tenth"] = _rss_mb()
     ray.get(finals)
     bare = (time.perf_counter() - start) / n_cells
-    cells = _noop_cells(n_cells)
-    warm = _noop_cells(200)  # the harness's workers import torch once: keep that out of the figure
-    scheduler.run_cells(warm, "unused", resources=Resources(), executor=NOOP, resume=False)
-    start = time.perf_counter()
-    summary = scheduler.run_cells(
-        cells, "unused", resources=Resources(), executor=NOOP, resume=False
-    )
-    harness = (time.perf_counter() - start) / n_cells
+    bare_rss["end"] = _rss_mb()
+
     cpus = int(ray.cluster_resources()["CPU"])
+    rest = n_cells - tenth
     print(f"scheduler: {n_cells} no-op cells x 4 stage tasks, {cpus} CPUs")
-    print(f"  bare Ray chains   {bare * 1e3:8.2f} ms/cell")
+    print(f"  bare Ray chains   {bare * 1e3:8.2f} ms/cell (all submitted at once)")
     print(
         f"  harness run_cells {harness * 1e3:8.2f} ms/cell  ({harness / bare:.2f}x bare Ray; "
         f"{summary.ok} ok)"
     )
+    print(
+        f"  driver RSS, harness: {rss['start']:.0f} MB before the run, {rss['end']:.0f} MB "
+        f"after, peak {rss['peak']:.0f} MB; "
+        f"{_growth(rss.get('tenth', rss['start']), rss['end'], rest)}"
+    )
+    print(f"  driver RSS, bare Ray: {_growth(bare_rss['tenth'], bare_rss['end'], rest)}")
 
 
 def _timed(fn):

@@ -6,14 +6,23 @@ marked model serves every attack and an aux step (an ISN, a key set, null models
 by every cell that declares the same one, across runs and scenarios that share a store.
 Plug-ins declare their aux steps and needs (`harness.plugin`); only this module turns those
 declarations into keys and jobs.
+
+Grids reach 10^5 cells, so the keys are cheap to ask for again: a cell encodes each of its
+dicts once (cells of one grid share those texts), a key's canonical JSON is assembled from
+the encoded parts (the canonical JSON of a list is its items' texts joined by commas), and
+victim and embed keys, shared by many cells, are remembered by what they digest. A cell is a
+value: its dicts are never changed in place (`dataclasses.replace` makes another cell).
 """
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import functools
 import hashlib
 import json
-from dataclasses import asdict, dataclass, replace
+from collections import Counter
+from dataclasses import dataclass
 from typing import Any
 
 from harness.attacks import ATTACKS, Attack
@@ -22,13 +31,49 @@ from harness.plugin import AuxStep, Plugin, VictimRef, need_name
 
 VICTIM_VERSION = "1"
 
+# what json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str) builds on each call
+_ENCODER = json.JSONEncoder(sort_keys=True, separators=(",", ":"), default=str)
+
 
 def canonical(obj: Any) -> str:
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
+    return _ENCODER.encode(obj)
+
+
+_encode_str = json.encoder.encode_basestring_ascii  # what the encoder does with a str
+
+
+def _text(value: Any) -> str:
+    """`canonical`, short-cut for the str and None items of keys."""
+    if type(value) is str:
+        return _encode_str(value)
+    return "null" if value is None else canonical(value)
+
+
+def _sha(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:32]
 
 
 def digest(obj: Any) -> str:
-    return hashlib.sha256(canonical(obj).encode()).hexdigest()[:32]
+    return _sha(canonical(obj))
+
+
+def _digest_of(*texts: str) -> str:
+    """`digest` of a list given the canonical texts of its items."""
+    return _sha("[" + ",".join(texts) + "]")
+
+
+# Victim and embed keys by exactly what they digest (each shared by many cells). Bounded:
+# emptied when full, which costs only recomputation.
+_MEMO_MAX = 65_536
+_VICTIM_KEYS: dict[tuple, str] = {}
+_EMBED_KEYS: dict[tuple, str] = {}
+
+
+def _remember(memo: dict, key: tuple, value: str) -> str:
+    if len(memo) >= _MEMO_MAX:
+        memo.clear()
+    memo[key] = value
+    return value
 
 
 @functools.lru_cache(maxsize=4096)
@@ -39,11 +84,11 @@ def _plugin(kind: str, name: str, params: str) -> Plugin:
 
 def method_of(cell: Cell) -> Method:
     """The cell's method plug-in (instances are cached: building the DAG asks often)."""
-    return _plugin("method", cell.method, canonical(cell.method_params))
+    return _plugin("method", cell.method, cell._texts()[2])
 
 
 def attack_of(cell: Cell) -> Attack:
-    return _plugin("attack", cell.attack, canonical(cell.attack_params))
+    return _plugin("attack", cell.attack, cell._texts()[3])
 
 
 def aux_stage(plugin: Plugin, step: str) -> str:
@@ -73,6 +118,23 @@ class Job:
     names: tuple[str, ...] = ()
 
 
+_SCALARS = (str, int, float, bool, type(None))
+
+
+def _plain(value: Any) -> Any:
+    """A copy of a JSON-like value, as `dataclasses.asdict` makes it (faster)."""
+    kind = type(value)
+    if kind in _SCALARS:
+        return value
+    if kind is dict:
+        return {_plain(k): _plain(v) for k, v in value.items()}
+    if kind is list:
+        return [_plain(v) for v in value]
+    if kind is tuple:
+        return tuple(_plain(v) for v in value)
+    return copy.deepcopy(value)
+
+
 @dataclass(frozen=True)
 class Cell:
     scenario: str
@@ -88,21 +150,105 @@ class Cell:
     trial: int | None = None
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        return {name: _plain(getattr(self, name)) for name in _FIELDS}
 
     @classmethod
     def from_dict(cls, d: dict) -> Cell:
         return cls(**d)
 
+    # ------------------------------------------------------------------ memo (not fields)
+
+    def _texts(self) -> tuple[str, str, str, str]:
+        """Canonical JSON of dataset, train, method_params and attack_params, made once."""
+        texts = self.__dict__.get("memo_texts")
+        if texts is None:
+            texts = self.__dict__["memo_texts"] = (
+                canonical(self.dataset),
+                canonical(self.train),
+                canonical(self.method_params),
+                canonical(self.attack_params),
+            )
+        return texts
+
+    def _share_texts(self, texts: tuple[str, str, str, str]) -> Cell:
+        """Hand this cell the canonical texts of its dicts (cells of one grid share them)."""
+        self.__dict__["memo_texts"] = texts
+        return self
+
+    def _moved(self, seed: int, arch: str) -> Cell:
+        """This cell for another seed / arch (as `dataclasses.replace`, faster)."""
+        if seed == self.seed and arch == self.arch and type(seed) is type(self.seed):
+            return self
+        cell = Cell(
+            self.scenario, self.dataset, self.train, arch, self.method, self.method_params,
+            self.attack, self.attack_params, seed, self.attack_role, self.trial,
+        )  # fmt: skip
+        if (texts := self.__dict__.get("memo_texts")) is not None:
+            cell.__dict__["memo_texts"] = texts
+        return cell
+
+    # ------------------------------------------------------------------ keys
+
     def victim_key(self, seed: int | None = None, arch: str | None = None) -> str:
         seed = self.seed if seed is None else seed
         arch = arch or self.arch
-        return digest(["train_victim", VICTIM_VERSION, self.dataset, self.train, arch, seed])
+        dataset, train = self._texts()[:2]
+        memo = (dataset, train, arch, seed) if type(seed) is int and type(arch) is str else None
+        key = _VICTIM_KEYS.get(memo) if memo else None
+        if key is None:
+            key = _digest_of(
+                '"train_victim"', _text(VICTIM_VERSION), dataset, train, _text(arch), _text(seed)
+            )
+            if memo:
+                _remember(_VICTIM_KEYS, memo, key)
+        return key
 
     def victim_job(self, seed: int | None = None, arch: str | None = None) -> Job:
         """The plain victim of this cell's data and training, for another seed or arch if asked."""
-        cell = replace(self, seed=self.seed if seed is None else seed, arch=arch or self.arch)
+        cell = self._moved(self.seed if seed is None else seed, arch or self.arch)
         return Job("train_victim", cell.victim_key(), cell)
+
+    def embed_key(self) -> str:
+        version = method_of(self).version
+        victim, params = self.victim_key(), self._texts()[2]
+        memo = (victim, self.method, type(version), version, params)
+        key = _EMBED_KEYS.get(memo)
+        if key is None:
+            key = _remember(
+                _EMBED_KEYS,
+                memo,
+                _digest_of('"embed"', _text(victim), _text(self.method), _text(version), params),
+            )
+        return key
+
+    def _attack_key(self, embed_key: str, attack: Attack) -> str:
+        version = attack.version
+        memo = self.__dict__.get("memo_attack_key")
+        if (
+            memo is not None
+            and memo[0] == embed_key
+            and type(memo[1]) is type(version)
+            and memo[1] == version
+        ):
+            return memo[2]
+        key = _digest_of(
+            '"attack"', _text(embed_key), _text(self.attack), _text(version), self._texts()[3]
+        )
+        self.__dict__["memo_attack_key"] = (embed_key, version, key)
+        return key
+
+    def attack_key(self) -> str:
+        return self._attack_key(self.embed_key(), attack_of(self))
+
+    @property
+    def cell_id(self) -> str:
+        attack_key = self.attack_key()
+        memo = self.__dict__.get("memo_cell_id")
+        if memo is not None and memo[0] == attack_key:
+            return memo[1]
+        cell_id = cell_id_of(self.scenario, attack_key, self.attack_role, self.trial)
+        self.__dict__["memo_cell_id"] = (attack_key, cell_id)
+        return cell_id
 
     # ------------------------------------------------------------------ declared upstream
 
@@ -124,45 +270,76 @@ class Cell:
         return Job(aux_stage(plugin, step.name), key, self, deps, step.resources, names)
 
     def _needs(self, plugin: Plugin, needs) -> tuple[tuple[Job, ...], tuple[str, ...]]:
+        if not needs:
+            return (), ()
         steps = {s.name: s for s in plugin.aux_steps()}
         jobs = tuple(self._need(plugin, n, steps) for n in needs)
         return jobs, tuple(need_name(n) for n in needs)
 
     def embed_job(self) -> Job:
         method = method_of(self)
-        key = digest(["embed", self.victim_key(), self.method, method.version, self.method_params])
         deps, names = self._needs(method, method.needs())
-        return Job("embed", key, self, (self.victim_job(), *deps), "embed", ("victim", *names))
+        return Job(
+            "embed", self.embed_key(), self, (self.victim_job(), *deps), "embed", ("victim", *names)
+        )
 
     def attack_job(self, embed: Job | None = None) -> Job:
         attack = attack_of(self)
         embed = embed or self.embed_job()
-        key = digest(["attack", embed.key, self.attack, attack.version, self.attack_params])
+        key = self._attack_key(embed.key, attack)
         deps, names = self._needs(attack, tuple(s.name for s in attack.aux_steps()))
         return Job("attack", key, self, (embed, *deps), "attack", ("marked", *names))
 
-    def embed_key(self) -> str:
-        return self.embed_job().key
 
-    def attack_key(self) -> str:
-        return self.attack_job().key
-
-    @property
-    def cell_id(self) -> str:
-        return cell_id_of(self.scenario, self.attack_key(), self.attack_role, self.trial)
+_FIELDS = tuple(f.name for f in dataclasses.fields(Cell))
 
 
 def cell_id_of(scenario: str, attack_key: str, role: str | None = None, trial=None) -> str:
-    return digest(["cell", scenario, attack_key, role, trial])
+    return _digest_of('"cell"', _text(scenario), _text(attack_key), _text(role), _text(trial))
+
+
+def job_keys(job: Job) -> set[str]:
+    """The keys of a job and of everything upstream of it."""
+    keys: set[str] = set()
+    stack = [job]
+    while stack:
+        job = stack.pop()
+        if job.key not in keys:
+            keys.add(job.key)
+            stack.extend(job.deps)
+    return keys
+
+
+def stage_counts(cells: list[Cell]) -> Counter[str]:
+    """How many distinct jobs of each stage the cells need (`distinct_jobs`, counted without
+    keeping a job: a marked model's upstream is walked once)."""
+    counts: Counter[str] = Counter()
+    seen: set[str] = set()
+    for cell in cells:
+        embed_key = cell.embed_key()
+        # a marked model counted before stands in as a bare job: its upstream is counted
+        embed = Job("embed", embed_key, cell) if embed_key in seen else cell.embed_job()
+        stack = [cell.attack_job(embed)]
+        while stack:
+            job = stack.pop()
+            if job.key not in seen:
+                seen.add(job.key)
+                counts[job.stage] += 1
+                stack.extend(job.deps)
+    return counts
 
 
 def distinct_jobs(cells: list[Cell]) -> dict[str, Job]:
-    """Every distinct stage job the cells need, by key (what the scheduler submits once)."""
+    """Every distinct stage job the cells need, by key (what the scheduler submits once).
+
+    Depth first from the last cell's attack job, as a stack of all of them would visit; a
+    marked model seen before is not built again."""
     jobs: dict[str, Job] = {}
-    stack = [c.attack_job() for c in cells]
-    while stack:
-        job = stack.pop()
-        if job.key not in jobs:
-            jobs[job.key] = job
-            stack.extend(job.deps)
+    for cell in reversed(cells):
+        stack = [cell.attack_job(jobs.get(cell.embed_key()))]
+        while stack:
+            job = stack.pop()
+            if job.key not in jobs:
+                jobs[job.key] = job
+                stack.extend(job.deps)
     return jobs

@@ -75,12 +75,21 @@ def cmd_run(args) -> int:
         console.print(
             f"done in {summary.seconds:.1f}s: {summary.ok} ok, {summary.failed} failed "
             f"(run {summary.run_id})"
+            + (f"; {summary.done_elsewhere} stored by another driver meanwhile"
+               if summary.done_elsewhere else "")
         )
         for cell_id, error in list(summary.failures.items())[:10]:
             console.print(f"  [red]failed[/red] {cell_id[:12]}: {escape(error)}")
         if len(summary.failures) > 10:
             console.print(f"  … and {len(summary.failures) - 10} more (harness show --failed)")
     _show(args.store, scenario.name)
+    if todo and summary.missing:
+        console.print(
+            f"[red]{len(summary.missing)} cells reported ok are missing from the store[/red] "
+            "(rows deleted while the run went on?): exit code "
+            f"{EXIT_FAILED_CELLS}; run again to recompute them"
+        )
+        return EXIT_FAILED_CELLS
     if todo and summary.failed:
         console.print(
             f"[red]{summary.failed} of {len(cells)} cells failed[/red]: exit code "

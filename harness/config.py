@@ -277,6 +277,17 @@ def _literal_values(annotation: Any) -> list | None:
 
 def expand_params(params: dict[str, Any], params_model: type[BaseModel]) -> list[dict[str, Any]]:
     """Cartesian product over list values; a list-typed field expands only on a list of lists."""
+    axes = _param_axes(params, params_model)
+    return [dict(zip(params, combo, strict=True)) for combo in itertools.product(*axes)]
+
+
+def grid_size(params: dict[str, Any], params_model: type[BaseModel]) -> int:
+    """How many points `expand_params` makes, without making them (some may turn out equal
+    once defaults are filled in)."""
+    return math.prod(len(axis) for axis in _param_axes(params, params_model))
+
+
+def _param_axes(params: dict[str, Any], params_model: type[BaseModel]) -> list[list[Any]]:
     axes: list[list[Any]] = []
     for key, value in params.items():
         field = params_model.model_fields.get(key)
@@ -287,7 +298,7 @@ def expand_params(params: dict[str, Any], params_model: type[BaseModel]) -> list
             axes.append(value)
         else:
             axes.append([value])
-    return [dict(zip(params, combo, strict=True)) for combo in itertools.product(*axes)]
+    return axes
 
 
 def _is_list_type(annotation: Any) -> bool:

@@ -13,10 +13,11 @@ from pydantic import ValidationError
 
 from harness import data
 from harness.attacks import ATTACKS
-from harness.cells import Cell
+from harness.cells import Cell, canonical
 from harness.config import (
     ComponentCfg,
     Scenario,
+    grid_size,
     load_yaml_with_includes,
     param_names,
     parse_scenario,
@@ -30,49 +31,111 @@ from model_zoo.image2image import check_image_size
 from results.analysis import GENERIC_FIGURES
 
 REGISTRIES = {"method": METHODS, "attack": ATTACKS}
+MAX_CELLS = 1_000_000  # `--max-cells`: a larger grid is refused before it is expanded
 
 
-def load_scenario(path: str | Path) -> Scenario:
-    """Parse and fully check a scenario file: schema, names, parameters, data availability."""
+def load_scenario(path: str | Path, max_cells: int = MAX_CELLS) -> Scenario:
+    """Parse and fully check a scenario file: schema, names, parameters, data availability,
+    and a grid of at most `max_cells` cells."""
     path = Path(path)
     scenario = parse_scenario(load_yaml_with_includes(path), str(path))
-    check_scenario(scenario, str(path))
+    check_scenario(scenario, str(path), max_cells)
     return scenario
 
 
-def expand_cells(scenario: Scenario, file: str | None = None) -> list[Cell]:
-    """The full grid, ordered so that cells sharing a victim and a marked model are adjacent.
-
-    Pairs of an attack that targets other methods' models (`Attack.methods`) are left out."""
+def _grid_points(scenario: Scenario, file: str | None) -> list[tuple]:
+    """Every (method, params, params' canonical JSON, attack, params, role, params' canonical
+    JSON) pair of grid points, in grid order; pairs of an attack that targets other methods'
+    models (`Attack.methods`) are left out."""
     methods = [
         (m.name, p)
         for i, m in enumerate(scenario.methods)
         for p in resolve_component(m, METHODS, f"methods[{i}]", file)
     ]
     attacks = [
-        (a.name, p, a.role)
+        (a.name, p, a.role, canonical(p), ATTACKS.get(a.name).methods)
         for i, a in enumerate(scenario.attacks)
         for p in resolve_component(a, ATTACKS, f"attacks[{i}]", file)
     ]
-    dataset, train = (
-        scenario.dataset.model_dump(mode="json"),
-        scenario.train.model_dump(mode="json"),
-    )
-    cells = [
-        Cell(scenario.name, dataset, train, arch, m, mp, a, ap, seed, role)
-        for arch in scenario.archs
-        for seed in scenario.seeds
+    return [
+        (m, mp, canonical(mp), a, ap, role, ap_text)
         for m, mp in methods
-        for a, ap, role in attacks
-        if ATTACKS.get(a).methods is None or m in ATTACKS.get(a).methods
+        for a, ap, role, ap_text, targets in attacks
+        if targets is None or m in targets
     ]
+
+
+def _cells(scenario: Scenario, pairs: list[tuple], archs, seeds):
+    dataset = scenario.dataset.model_dump(mode="json")
+    train = scenario.train.model_dump(mode="json")
+    texts = (canonical(dataset), canonical(train))
+    points = [
+        (m, mp, a, ap, role, (*texts, mp_text, ap_text))
+        for m, mp, mp_text, a, ap, role, ap_text in pairs
+    ]
+    name = scenario.name
+    for arch in archs:
+        for seed in seeds:
+            for m, mp, a, ap, role, shared in points:
+                cell = Cell(name, dataset, train, arch, m, mp, a, ap, seed, role)
+                yield cell._share_texts(shared)
+
+
+def expand_cells(
+    scenario: Scenario, file: str | None = None, max_cells: int = MAX_CELLS
+) -> list[Cell]:
+    """The full grid, ordered so that cells sharing a victim and a marked model are adjacent.
+
+    Pairs of an attack that targets other methods' models (`Attack.methods`) are left out; a
+    grid of more than `max_cells` cells is refused before any cell is made."""
+    check_grid_size(scenario, file, max_cells)
+    pairs = _grid_points(scenario, file)
     seen: dict[str, Cell] = {}
-    for cell in cells:
+    for cell in _cells(scenario, pairs, scenario.archs, scenario.seeds):
         seen.setdefault(cell.cell_id, cell)
     return list(seen.values())
 
 
-def check_scenario(scenario: Scenario, file: str | None = None) -> None:
+def count_cells(scenario: Scenario, file: str | None = None) -> int:
+    """len(expand_cells(scenario)) from the axes alone, without making a cell: distinct archs
+    x distinct seeds x the distinct (method point, attack point) pairs expand_cells keeps."""
+    points = _grid_points(scenario, file)
+    pairs = {(m, mp_text, a, ap_text, role) for m, _, mp_text, a, _, role, ap_text in points}
+    return len(set(scenario.archs)) * len(set(scenario.seeds)) * len(pairs)
+
+
+def _cells_bound(scenario: Scenario) -> int:
+    """An upper bound of the grid's size from the raw parameter lists (no validation)."""
+    methods = [(m.name, grid_size(m.params, METHODS.get(m.name).Params)) for m in scenario.methods]
+    pairs = 0
+    for a in scenario.attacks:
+        cls = ATTACKS.get(a.name)
+        points = grid_size(a.params, cls.Params)
+        pairs += points * sum(n for m, n in methods if cls.methods is None or m in cls.methods)
+    return len(scenario.archs) * len(scenario.seeds) * pairs
+
+
+def check_grid_size(scenario: Scenario, file: str | None = None, max_cells: int = MAX_CELLS):
+    """A ConfigError if the grid has more than `max_cells` cells, counted, not expanded."""
+    try:
+        if _cells_bound(scenario) <= max_cells:
+            return
+    except ConfigError:
+        pass  # a bad name or params: count_cells says where
+    count = count_cells(scenario, file)
+    if count > max_cells:
+        raise ConfigError(
+            f"the grid has {count:,} cells, more than --max-cells allows ({max_cells:,}): "
+            "shrink it, or raise --max-cells",
+            file=file,
+            field="grid",
+            value=count,
+        )
+
+
+def check_scenario(
+    scenario: Scenario, file: str | None = None, max_cells: int = MAX_CELLS
+) -> None:
     task = data.task_of(scenario.dataset.name)
     for i, arch in enumerate(scenario.archs):
         try:
@@ -103,7 +166,10 @@ def check_scenario(scenario: Scenario, file: str | None = None) -> None:
                 allowed=list(targets),
                 hint="add one of those methods to `methods`",
             )
-    expand_cells(scenario, file)
+    check_grid_size(scenario, file, max_cells)
+    pairs = _grid_points(scenario, file)
+    for cell in _cells(scenario, pairs, scenario.archs[:1], scenario.seeds[:1]):
+        cell.attack_job()  # every grid point's declared needs and aux steps resolve
     if scenario.tune is not None:
         check_tune(scenario, file)
 

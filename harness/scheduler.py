@@ -18,6 +18,7 @@ import sys
 import threading
 import time
 import uuid
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -32,7 +33,8 @@ import torch
 
 import harness
 from harness import __version__
-from harness.cells import Cell, Job, cell_id_of
+from harness.artifacts import owner_secret
+from harness.cells import Cell, Job, job_keys
 from harness.config import Resources
 from harness.errors import ConfigError, TransientError
 from harness.executors import REAL, Executor
@@ -214,7 +216,13 @@ def verify_task(
     executor: Executor, stage: str, cell: dict, cell_id: str, store: str, run: dict, *upstream
 ) -> dict:
     row = executor.verify(cell, store, _device(), run, *upstream)
-    return {"cell_id": cell_id, "status": row["status"], "error": row.get("error")}
+    return {
+        "cell_id": cell_id,
+        "status": row["status"],
+        "error": row.get("error"),
+        "elsewhere": row.get("elsewhere", False),  # another driver wrote the row
+        "computed": row.get("computed", ()),  # [stage, key] this run computed for the cell
+    }
 
 
 # `max_calls` is a decorator-only option: GPU tasks get their own remote functions whose
@@ -242,6 +250,10 @@ class RunSummary:
     seconds: float = 0.0
     interrupted: bool = False
     failures: dict[str, str] = field(default_factory=dict)
+    done_elsewhere: int = 0  # ok cells whose row another driver on the store wrote
+    rows_written: int = 0
+    computed: set[tuple[str, str]] = field(default_factory=set)  # stages this run computed
+    missing: list[str] = field(default_factory=list)  # reported ok, yet no row in the store
 
 
 @functools.lru_cache(maxsize=1)
@@ -269,7 +281,12 @@ def git_sha() -> str | None:
 
 
 class StageGraph:
-    """Submits each distinct stage key once and hands out its ObjectRef."""
+    """Submits each distinct stage key once and hands out its ObjectRef.
+
+    A ref is held only while a cell not yet submitted still needs it (`plan` counts them):
+    the in-flight downstream tasks keep the object alive for as long as they need it, and Ray
+    frees it and the lineage behind it afterwards, so the driver's memory stays flat however
+    many cells a run has. A cell submitted without a plan keeps its refs for good."""
 
     def __init__(
         self,
@@ -281,6 +298,9 @@ class StageGraph:
     ) -> None:
         self.store, self.executor, self.refs = store, executor, {}
         self.exec_ref = executor  # small: pickled into each task (cheaper than an ObjectRef)
+        self.needed: dict[str, int] = {}  # key -> planned cells not yet submitted that need it
+        # each in-flight cell's verify ref -> the stage refs its submission created
+        self.live: dict[ray.ObjectRef, list[ray.ObjectRef]] = {}
         runtime_env = {"env_vars": env} if env else None
         self.tasks: dict[str, object] = {}
         for res in ("train", "embed", "attack", "verify"):
@@ -296,30 +316,75 @@ class StageGraph:
             remote = REMOTES[(res == "verify", r.num_gpus > 0)]
             self.tasks[res] = remote.options(**opts)  # built once: `.options` is not free
 
-    def _submit(self, job: Job) -> ray.ObjectRef:
+    def plan(self, cells: Iterable[Cell]) -> None:
+        """Count, for every stage key, the cells to be submitted that need it (once each)."""
+        needed = self.needed
+        upstream: dict[str, set[str]] = {}  # marked model -> its keys and all upstream of it
+        for cell in cells:
+            embed_key = cell.embed_key()
+            keys = upstream.get(embed_key)
+            if keys is None:
+                keys = upstream[embed_key] = job_keys(cell.embed_job())
+            stub = Job("embed", embed_key, cell)  # the attack's own part, then the shared one
+            for key in keys | job_keys(cell.attack_job(stub)):
+                needed[key] = needed.get(key, 0) + 1
+
+    def _submit(self, job: Job, cell: Cell, cell_dict: dict, new: list) -> ray.ObjectRef:
         ref = self.refs.get(job.key)
         if ref is None:
-            deps = [self._submit(d) for d in job.deps]
+            deps = [self._submit(d, cell, cell_dict, new) for d in job.deps]
+            job_cell = cell_dict if job.cell is cell else job.cell.to_dict()
             ref = self.tasks[job.resources].remote(
-                self.exec_ref, job.stage, job.cell.to_dict(), job.key, self.store, *deps
+                self.exec_ref, job.stage, job_cell, job.key, self.store, *deps
             )
             self.refs[job.key] = ref
+            new.append(ref)
         return ref
 
     def submit(self, cell: Cell, run: dict) -> ray.ObjectRef:
+        cell_dict = cell.to_dict()  # one copy for the cell's own jobs and its verify task
         attack = cell.attack_job()
         embed = attack.deps[0]
-        refs = [self._submit(job) for job in (embed.deps[0], embed, attack)]
-        cell_id = cell_id_of(cell.scenario, attack.key, cell.attack_role, cell.trial)
-        return self.tasks["verify"].remote(
+        new: list[ray.ObjectRef] = []
+        refs = [self._submit(job, cell, cell_dict, new) for job in (embed.deps[0], embed, attack)]
+        cell_id = cell.cell_id  # remembered by the cell: run_cells asked for it already
+        ref = self.tasks["verify"].remote(
             self.exec_ref,
             "verify",
-            cell.to_dict(),
+            cell_dict,
             cell_id,
             self.store,
             {**run, "cell_id": cell_id},
             *refs,
         )
+        self.live[ref] = new
+        self._release(job_keys(attack))
+        return ref
+
+    def _release(self, keys: Iterable[str]) -> None:
+        """One cell fewer needs each of `keys`: drop the refs no cell to come needs."""
+        needed = self.needed
+        for key in keys:
+            count = needed.get(key)
+            if count is None:
+                continue  # not planned: kept
+            if count > 1:
+                needed[key] = count - 1
+            else:
+                del needed[key]
+                self.refs.pop(key, None)
+
+    def finished(self, ref: ray.ObjectRef) -> None:
+        """A cell's verify task is done (ok or not)."""
+        self.live.pop(ref, None)
+
+    def cancel(self) -> None:
+        """Cancel every task still held or submitted for a cell in flight."""
+        for verify, stages in self.live.items():
+            for ref in (verify, *stages):
+                ray.cancel(ref, recursive=True)
+        for ref in self.refs.values():
+            ray.cancel(ref, recursive=True)
 
 
 def run_cells(
@@ -351,17 +416,22 @@ def run_cells(
         "cells": len(cells),
         "skipped": summary.skipped,
     }
+    if executor.writes:
+        owner_secret(store)  # made here, once, before any task could race to make it
     window = max_in_flight or max(8, 4 * int(ray.cluster_resources().get("CPU", 1)))
     graph = StageGraph(store, resources, max_retries, executor, env)
+    graph.plan(todo)
     if executor.writes:
         write_manifest(store, run_id, record)
     start = time.perf_counter()
     try:
         _drive(graph, iter(todo), run, window, summary, progress)
+        if executor.writes:  # every row reported ok is in the store (not deleted meanwhile)
+            reported_ok = {c.cell_id for c in todo} - summary.failures.keys()
+            summary.missing = sorted(reported_ok - ok_cell_ids(store))
     except KeyboardInterrupt:
         summary.interrupted = True
-        for ref in graph.refs.values():
-            ray.cancel(ref, recursive=True)
+        graph.cancel()
         raise
     finally:
         summary.seconds = time.perf_counter() - start
@@ -386,20 +456,34 @@ def _drive(
         if not inflight:
             return
         refs = list(inflight)
-        ready, _ = ray.wait(refs, num_returns=1, timeout=1.0)
-        if ready:  # take everything else that is already done in the same pass
-            ready, _ = ray.wait(refs, num_returns=len(refs), timeout=0)
-        for ref in ready:
+        # everything already done, in one call; only when nothing is, block for the first
+        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=0)
+        if not ready:
+            ready, _ = ray.wait(refs, num_returns=1, timeout=1.0)
+        try:
+            results = ray.get(ready) if ready else []
+        except ray.exceptions.RayError:  # one at a time, to tell which ones raised
+            results = []
+            for ref in ready:
+                try:
+                    results.append(ray.get(ref))
+                except ray.exceptions.RayError as e:
+                    results.append(e)
+        for ref, result in zip(ready, results, strict=True):
             cell = inflight.pop(ref)
-            try:
-                result = ray.get(ref)
-            except ray.exceptions.RayError as e:
-                result = {"status": "failed", "error": f"task failed after retries: {e}"}
+            graph.finished(ref)
+            if isinstance(result, ray.exceptions.RayError):
+                result = {"status": "failed", "error": f"task failed after retries: {result}"}
                 ray.get(
                     record_failure.remote(
                         graph.exec_ref, cell.to_dict(), graph.store, run, result["error"]
                     )
                 )
+            summary.computed.update(map(tuple, result.get("computed", ())))
+            if result.get("elsewhere"):
+                summary.done_elsewhere += 1
+            else:
+                summary.rows_written += 1
             if result["status"] == "ok":
                 summary.ok += 1
             else:
@@ -417,6 +501,14 @@ def _outcome(summary: RunSummary) -> dict:
         "seconds": summary.seconds,
         "interrupted": summary.interrupted,
         "failures": summary.failures,
+        "done_elsewhere": summary.done_elsewhere,
+        # distinct stages this run computed (cached and other drivers' ones not counted)
+        "computed": {
+            **Counter(stage for stage, _ in summary.computed),
+            "verify": summary.rows_written,
+        },
+        "missing": len(summary.missing),
+        "missing_cells": summary.missing[:100],
     }
 
 
