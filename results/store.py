@@ -179,9 +179,13 @@ def load(store: str, columns: list[str] | None = None) -> pd.DataFrame:
 
 def _result_files(fs: pafs.FileSystem, root: str) -> list[pafs.FileInfo]:
     selector = pafs.FileSelector(f"{root}/results", recursive=True, allow_not_found=True)
+    try:
+        infos = fs.get_file_info(selector)
+    except FileNotFoundError:  # a writer was making the folder as we listed it: once more
+        infos = fs.get_file_info(selector)
     return [
         i
-        for i in fs.get_file_info(selector)
+        for i in infos
         if i.type == pafs.FileType.File
         and i.base_name.endswith(".parquet")
         and not i.base_name.startswith(".")
@@ -245,6 +249,8 @@ def compact(store: str) -> int:
         seen = {i.path: _identity(i, local) for i in infos}
         tables, read = [], []
         for info in infos:
+            if seen[info.path] is None:
+                continue  # removed since the listing (the driver replaced a failed row)
             try:
                 tables.append(_read_file(fs, info.path))
                 read.append(info.path)
@@ -259,9 +265,12 @@ def compact(store: str) -> int:
     return merged
 
 
-def _identity(info: pafs.FileInfo, local: bool) -> tuple:
+def _identity(info: pafs.FileInfo, local: bool) -> tuple | None:
     if local:
-        st = os.stat(info.path)
+        try:
+            st = os.stat(info.path)
+        except FileNotFoundError:
+            return None
         return st.st_ino, st.st_mtime_ns, st.st_size
     return info.mtime_ns, info.size
 
