@@ -460,7 +460,11 @@ class Terminated(KeyboardInterrupt):
     """SIGTERM (a scheduler's or `kill`'s stop): handled exactly like Ctrl-C."""
 
 
+TERMINATED = []  # set by SIGTERM: Ray may re-raise our Terminated as a plain KeyboardInterrupt
+
+
 def _on_sigterm(signum, frame) -> None:
+    TERMINATED.append(signum)
     raise Terminated()
 
 
@@ -482,7 +486,7 @@ def main(argv: list[str] | None = None) -> int:
             "interrupted: running tasks cancelled; finished cells are stored, re-run to resume",
             file=sys.stderr,
         )
-        return 143 if isinstance(e, Terminated) else 130
+        return 143 if isinstance(e, Terminated) or TERMINATED else 130
 
 
 if __name__ == "__main__":

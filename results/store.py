@@ -16,6 +16,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import time
 import uuid
 import warnings
 from datetime import datetime, timezone
@@ -92,9 +93,10 @@ def write_row(store: str, row: dict[str, Any]) -> str:
 
 
 def ok_row_exists(store: str, method: str, attack: str, cell_id: str) -> bool:
-    """Whether the cell's ok row file is there (one stat, for claims)."""
+    """Whether the cell's ok row file is there and whole (for claims: a truncated one is redone)."""
     fs, root = open_store(store)
-    return exists(fs, f"{_partition(root, method, attack)}/{cell_id}.parquet")
+    info = fs.get_file_info(f"{_partition(root, method, attack)}/{cell_id}.parquet")
+    return info.type == pafs.FileType.File and _intact_end(fs, info)
 
 
 def read_table(store: str, columns: list[str] | None = None) -> pa.Table:
@@ -105,13 +107,12 @@ def read_table(store: str, columns: list[str] | None = None) -> pa.Table:
     if not exists(fs, base):
         return SCHEMA.empty_table().select(columns or COLUMNS)
     want = list(dict.fromkeys([*(columns or COLUMNS), "cell_id", "created_at"]))
-    dataset = ds.dataset(
-        base, schema=SCHEMA, format=FORMAT, filesystem=fs, ignore_prefixes=[".", "_"]
-    )
+    files = [i.path for i in _result_files(fs, root)]  # listed once: writers may be busy
+    dataset = ds.dataset(files, schema=SCHEMA, format=FORMAT, filesystem=fs)
     try:
         table = dataset.to_table(columns=want)
     except (OSError, pa.ArrowException):  # one bad file: read file by file, skip the bad
-        table = _read_readable(fs, dataset.files, want)
+        table = _read_readable(fs, files, want)
     return _newest_per_cell(table).select(columns or COLUMNS)
 
 
@@ -120,6 +121,8 @@ def _read_readable(fs: pafs.FileSystem, files: list[str], columns: list[str]) ->
     for path in files:
         try:
             tables.append(_read_file(fs, path, columns))
+        except FileNotFoundError:
+            continue  # replaced since the listing (a failed row rewritten ok, compacted)
         except (OSError, pa.ArrowException):
             bad.append(path)
     if bad:
@@ -179,10 +182,14 @@ def load(store: str, columns: list[str] | None = None) -> pd.DataFrame:
 
 def _result_files(fs: pafs.FileSystem, root: str) -> list[pafs.FileInfo]:
     selector = pafs.FileSelector(f"{root}/results", recursive=True, allow_not_found=True)
-    try:
-        infos = fs.get_file_info(selector)
-    except FileNotFoundError:  # a writer was making the folder as we listed it: once more
-        infos = fs.get_file_info(selector)
+    for attempt in range(10):  # a writer's temp file renamed away between readdir and stat
+        try:
+            infos = fs.get_file_info(selector)
+            break
+        except FileNotFoundError:
+            if attempt == 9:
+                raise
+            time.sleep(0.01)
     return [
         i
         for i in infos

@@ -154,7 +154,7 @@ class FaultInjector(Executor):
             return
         open(self.marker, "w").close()
         if self.kind == "crash":
-            os._exit(1)
+            os.kill(os.getpid(), signal.SIGKILL)  # the worker dies mid-stage, as if OOM-killed
         raise TransientError(f"injected transient fault in {stage}")
 
     def stage(self, name: str) -> Callable:
