@@ -11,8 +11,8 @@ import threading
 import time
 from pathlib import Path
 
-import pyarrow.parquet as pq
 import ray
+from integration_support import stored_cell_ids  # this script's folder is on sys.path
 from ray.cluster_utils import Cluster
 
 from harness import scheduler
@@ -35,11 +35,6 @@ SCENARIO = {
 }
 
 
-def rows(store: Path) -> list[str]:
-    files = [p for p in (store / "results").rglob("*.parquet") if not p.name.startswith(".")]
-    return [c for p in files for c in pq.read_table(p, columns=["cell_id"])["cell_id"].to_pylist()]
-
-
 def main(work: Path) -> None:
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
     try:
@@ -58,7 +53,7 @@ def main(work: Path) -> None:
             busy = [n for n in ray.nodes() if n["Alive"] and n["NodeID"] == worker.node_id]
             cluster.remove_node(worker)
             facts["removed"] = bool(busy)
-            facts["removed_after_rows"] = len(rows(store))
+            facts["removed_after_rows"] = len(stored_cell_ids(store))
 
         killer = threading.Thread(target=remove_when_first_row_lands)
         killer.start()
@@ -69,7 +64,7 @@ def main(work: Path) -> None:
             ok=summary.ok,
             failed=summary.failed,
             failures=summary.failures,
-            stored=rows(store),
+            stored=stored_cell_ids(store),
             expected=sorted(c.cell_id for c in cells),
         )
         (work / "facts.json").write_text(json.dumps(facts))
