@@ -255,7 +255,7 @@ def cmd_tune(args) -> int:
     from harness.fs import check_writable
     from harness.grid import load_scenario
 
-    scenario = load_scenario(args.scenario)
+    scenario = load_scenario(args.scenario, args.max_cells)
     if scenario.tune is None:
         raise ConfigError(
             "no `tune:` section: nothing to search", file=args.scenario, field="tune", value=None
@@ -294,6 +294,7 @@ def cmd_tune(args) -> int:
         parallel=args.parallel,
         storage=args.storage,
         on_trial=report,
+        max_cells=args.max_cells,
     )
     out = tuning.best_fragment_path(args.store, scenario)
     fragment = tuning.write_best(study, scenario, out)
@@ -390,7 +391,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--num-cpus", type=positive_int, default=None, help="CPUs for the embedded local Ray"
     )
     run.add_argument(
-        "--max-in-flight", type=positive_int, default=None, help="cells submitted at once"
+        "--max-in-flight", type=positive_int, default=None,
+        help="cells submitted at once (default: 16 per CPU of the cluster, at least 64)",
     )
     run.add_argument("--no-progress", action="store_true")
     max_cells_help = "refuse a grid of more cells, before expanding it (default: 1,000,000)"
@@ -435,6 +437,10 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--address", default=None)
     tune.add_argument("--num-cpus", type=positive_int, default=None)
     tune.add_argument("--max-in-flight", type=positive_int, default=None)
+    tune.add_argument(
+        "--max-cells", type=positive_int, default=1_000_000,
+        help="refuse a trial grid of more cells, before expanding it (default: 1,000,000)",
+    )
     tune.set_defaults(fn=cmd_tune)
     comp = sub.add_parser("compact", help="merge per-cell Parquet files (fast scans of big stores)")
     comp.add_argument("store", nargs="?", default=DEFAULT_STORE)

@@ -1,8 +1,8 @@
 """Exception hierarchy.
 
-Retryable failures (``TransientError``) are kept apart from deterministic ones so the
-scheduler can hand only the former to Ray's ``retry_exceptions``; everything else that
-goes wrong inside a cell becomes a ``status="failed"`` row instead of a crash.
+Retryable failures (``TransientError``) are kept apart from deterministic ones: only a
+``TransientError`` leaves a stage task for Ray to retry; everything else that goes wrong
+inside a cell becomes a ``status="failed"`` row instead of a crash.
 """
 
 from __future__ import annotations

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import os
+import pickle
 import platform
 import secrets
 import socket
@@ -17,6 +18,7 @@ import subprocess
 import sys
 import threading
 import time
+import traceback
 import uuid
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
@@ -208,31 +210,82 @@ def _device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def stage_task(executor: Executor, stage: str, cell: dict, key: str, store: str, *upstream):
-    return executor.stage(stage)(cell, key, store, _device(), *upstream)
+def bind_tasks(executor: Executor, store: str, run: dict) -> dict[tuple[bool, bool], Callable]:
+    """The run's remote functions, keyed (verify?, GPU?), with the executor, the store and the
+    run's fields bound in: Ray pickles them once per worker, not into every task. Each task
+    then takes one small bytes argument, `(stage or cell id, key, pickled cell)`, plus its
+    upstream refs: per-argument serialisation is most of Ray's submit cost on tiny tasks.
 
+    Only an exception that escapes the executor reaches Ray, and Ray retries it
+    (`retry_exceptions=True`: a per-call allowlist is pickled into every submission); the
+    stages return deterministic failures as results, so what escapes is a `TransientError`,
+    and anything else is turned into a failure here, never retried."""
 
-def verify_task(
-    executor: Executor, stage: str, cell: dict, cell_id: str, store: str, run: dict, *upstream
-) -> dict:
-    row = executor.verify(cell, store, _device(), run, *upstream)
+    def make(gpu: bool) -> tuple[Callable, Callable]:
+        device = _device if gpu else _cpu
+
+        def stage_task(payload: bytes, *upstream):
+            stage, key, cell = _unpack(payload)
+            try:
+                return executor.stage(stage)(cell, key, store, device(), *upstream)
+            except TransientError:
+                raise
+            except Exception as e:  # noqa: BLE001 - never retried, the cell's row says why
+                return _failed_meta(stage, e)
+
+        def verify_task(payload: bytes, *upstream) -> dict:
+            cell_id, _, cell = _unpack(payload)
+            try:
+                row = executor.verify(cell, store, device(), {**run, "cell_id": cell_id}, *upstream)
+            except TransientError:
+                raise
+            except Exception as e:  # noqa: BLE001
+                row = {"status": "failed", **_failed_meta("verify", e)}
+                executor.record_failure(cell, store, run, f"{row['error']}\n{row['traceback']}")
+            return {
+                "cell_id": cell_id,
+                "status": row["status"],
+                "error": row.get("error"),
+                "elsewhere": row.get("elsewhere", False),  # another driver wrote the row
+                "computed": row.get("computed", ()),  # [stage, key] this run computed for it
+            }
+
+        return stage_task, verify_task
+
+    # `max_calls` is a decorator-only option: GPU tasks get their own remote functions whose
+    # worker exits after one task, which frees its GPU memory.
+    (cpu_stage, cpu_verify), (gpu_stage, gpu_verify) = make(False), make(True)
     return {
-        "cell_id": cell_id,
-        "status": row["status"],
-        "error": row.get("error"),
-        "elsewhere": row.get("elsewhere", False),  # another driver wrote the row
-        "computed": row.get("computed", ()),  # [stage, key] this run computed for the cell
+        (False, False): ray.remote(cpu_stage),
+        (False, True): ray.remote(max_calls=1)(gpu_stage),
+        (True, False): ray.remote(cpu_verify),
+        (True, True): ray.remote(max_calls=1)(gpu_verify),
     }
 
 
-# `max_calls` is a decorator-only option: GPU tasks get their own remote functions whose
-# worker exits after one task, which frees its GPU memory.
-REMOTES = {
-    (False, False): ray.remote(stage_task),
-    (False, True): ray.remote(max_calls=1)(stage_task),
-    (True, False): ray.remote(verify_task),
-    (True, True): ray.remote(max_calls=1)(verify_task),
-}
+def _cpu() -> str:
+    return "cpu"
+
+
+def _failed_meta(stage: str, e: Exception) -> dict:
+    return {
+        "failed": True,
+        "error": one_line(f"{stage}: {type(e).__name__}: {e}"),
+        "traceback": traceback.format_exc(),
+    }
+
+
+def _dumps(obj) -> bytes:
+    return pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+
+
+def _pack(head: str, key: str, cell_blob: bytes) -> bytes:
+    return _dumps((head, key, cell_blob))
+
+
+def _unpack(payload: bytes) -> tuple[str, str, dict]:
+    head, key, cell_blob = pickle.loads(payload)
+    return head, key, pickle.loads(cell_blob)
 
 
 @ray.remote(num_cpus=0)
@@ -295,25 +348,26 @@ class StageGraph:
         max_retries: int,
         executor: Executor,
         env: dict[str, str] | None,
+        run: dict,
     ) -> None:
-        self.store, self.executor, self.refs = store, executor, {}
-        self.exec_ref = executor  # small: pickled into each task (cheaper than an ObjectRef)
+        self.store, self.executor, self.run, self.refs = store, executor, run, {}
         self.needed: dict[str, int] = {}  # key -> planned cells not yet submitted that need it
         # each in-flight cell's verify ref -> the stage refs its submission created
         self.live: dict[ray.ObjectRef, list[ray.ObjectRef]] = {}
         runtime_env = {"env_vars": env} if env else None
         self.tasks: dict[str, object] = {}
+        remotes = bind_tasks(executor, store, run)
         for res in ("train", "embed", "attack", "verify"):
             r = resources.for_stage(res)
             opts = {
                 "num_cpus": r.num_cpus,
                 "num_gpus": r.num_gpus,
                 "max_retries": max_retries,
-                "retry_exceptions": [TransientError],
+                "retry_exceptions": True,
             }
             if runtime_env:
                 opts["runtime_env"] = runtime_env
-            remote = REMOTES[(res == "verify", r.num_gpus > 0)]
+            remote = remotes[(res == "verify", r.num_gpus > 0)]
             self.tasks[res] = remote.options(**opts)  # built once: `.options` is not free
 
     def plan(self, cells: Iterable[Cell]) -> None:
@@ -329,34 +383,24 @@ class StageGraph:
             for key in keys | job_keys(cell.attack_job(stub)):
                 needed[key] = needed.get(key, 0) + 1
 
-    def _submit(self, job: Job, cell: Cell, cell_dict: dict, new: list) -> ray.ObjectRef:
+    def _submit(self, job: Job, cell: Cell, blob: bytes, new: list) -> ray.ObjectRef:
         ref = self.refs.get(job.key)
         if ref is None:
-            deps = [self._submit(d, cell, cell_dict, new) for d in job.deps]
-            job_cell = cell_dict if job.cell is cell else job.cell.to_dict()
-            ref = self.tasks[job.resources].remote(
-                self.exec_ref, job.stage, job_cell, job.key, self.store, *deps
-            )
+            deps = [self._submit(d, cell, blob, new) for d in job.deps]
+            job_blob = blob if job.cell is cell else _dumps(job.cell.to_dict())
+            ref = self.tasks[job.resources].remote(_pack(job.stage, job.key, job_blob), *deps)
             self.refs[job.key] = ref
             new.append(ref)
         return ref
 
-    def submit(self, cell: Cell, run: dict) -> ray.ObjectRef:
-        cell_dict = cell.to_dict()  # one copy for the cell's own jobs and its verify task
+    def submit(self, cell: Cell) -> ray.ObjectRef:
+        blob = _dumps(cell.to_dict())  # pickled once for the cell's own jobs and its verify
         attack = cell.attack_job()
         embed = attack.deps[0]
         new: list[ray.ObjectRef] = []
-        refs = [self._submit(job, cell, cell_dict, new) for job in (embed.deps[0], embed, attack)]
+        refs = [self._submit(job, cell, blob, new) for job in (embed.deps[0], embed, attack)]
         cell_id = cell.cell_id  # remembered by the cell: run_cells asked for it already
-        ref = self.tasks["verify"].remote(
-            self.exec_ref,
-            "verify",
-            cell_dict,
-            cell_id,
-            self.store,
-            {**run, "cell_id": cell_id},
-            *refs,
-        )
+        ref = self.tasks["verify"].remote(_pack(cell_id, "verify", blob), *refs)
         self.live[ref] = new
         self._release(job_keys(attack))
         return ref
@@ -418,14 +462,16 @@ def run_cells(
     }
     if executor.writes:
         owner_secret(store)  # made here, once, before any task could race to make it
-    window = max_in_flight or max(8, 4 * int(ray.cluster_resources().get("CPU", 1)))
-    graph = StageGraph(store, resources, max_retries, executor, env)
+    # a deep window keeps Ray's queue full while the driver sleeps between batches; refs are
+    # small and a cell's stages are shared, so it costs no memory worth counting
+    window = max_in_flight or max(64, 16 * int(ray.cluster_resources().get("CPU", 1)))
+    graph = StageGraph(store, resources, max_retries, executor, env, run)
     graph.plan(todo)
     if executor.writes:
         write_manifest(store, run_id, record)
     start = time.perf_counter()
     try:
-        _drive(graph, iter(todo), run, window, summary, progress)
+        _drive(graph, iter(todo), window, summary, progress)
         if executor.writes:  # every row reported ok is in the store (not deleted meanwhile)
             reported_ok = {c.cell_id for c in todo} - summary.failures.keys()
             summary.missing = sorted(reported_ok - ok_cell_ids(store))
@@ -443,7 +489,6 @@ def run_cells(
 def _drive(
     graph: StageGraph,
     pending: Iterable[Cell],
-    run: dict,
     window: int,
     summary: RunSummary,
     progress: Callable | None,
@@ -452,14 +497,15 @@ def _drive(
     pending = iter(pending)
     while True:
         while len(inflight) < window and (cell := next(pending, None)) is not None:
-            inflight[graph.submit(cell, run)] = cell
+            inflight[graph.submit(cell)] = cell
         if not inflight:
             return
         refs = list(inflight)
         # everything already done, in one call; only when nothing is, block for the first
         ready, _ = ray.wait(refs, num_returns=len(refs), timeout=0)
-        if not ready:
-            ready, _ = ray.wait(refs, num_returns=1, timeout=1.0)
+        if not ready:  # block for a quarter of the window or 0.1 s: one wake-up per batch,
+            # not per cell (waking the driver per tiny cell costs more than the cell)
+            ready, _ = ray.wait(refs, num_returns=max(1, len(refs) // 4), timeout=0.1)
         try:
             results = ray.get(ready) if ready else []
         except ray.exceptions.RayError:  # one at a time, to tell which ones raised
@@ -476,7 +522,7 @@ def _drive(
                 result = {"status": "failed", "error": f"task failed after retries: {result}"}
                 ray.get(
                     record_failure.remote(
-                        graph.exec_ref, cell.to_dict(), graph.store, run, result["error"]
+                        graph.executor, cell.to_dict(), graph.store, graph.run, result["error"]
                     )
                 )
             summary.computed.update(map(tuple, result.get("computed", ())))

@@ -28,7 +28,7 @@ from harness.attacks import ATTACKS
 from harness.cells import Cell
 from harness.config import Scenario, SearchRange
 from harness.errors import ConfigError
-from harness.grid import expand_cells
+from harness.grid import MAX_CELLS, expand_cells
 from harness.methods import METHODS
 from results import load
 
@@ -162,10 +162,11 @@ def trial_label(scenario: Scenario, number: int) -> str:
     return f"{scenario.name}.trial{number}"
 
 
-def trial_cells(scenario: Scenario, number: int) -> list[Cell]:
+def trial_cells(scenario: Scenario, number: int, max_cells: int = MAX_CELLS) -> list[Cell]:
     """The trial's cells: scenario `<name>.trial<N>`, `trial` N (stage caches still shared)."""
     label = trial_label(scenario, number)
-    return [replace(c, scenario=label, trial=number) for c in expand_cells(scenario)]
+    cells = expand_cells(scenario, max_cells=max_cells)
+    return [replace(c, scenario=label, trial=number) for c in cells]
 
 
 def evaluate(df, scenario: Scenario) -> dict[str, float]:
@@ -208,6 +209,7 @@ def tune(
     parallel: int,
     storage: str | None = None,
     on_trial: Callable[[TrialResult, optuna.Study], None] | None = None,
+    max_cells: int = MAX_CELLS,
 ) -> optuna.Study:
     """Run until the study holds `trials` finished trials (resuming an existing study)."""
     study = open_study(scenario.name, storage, store, scenario)
@@ -218,9 +220,8 @@ def tune(
             trial.set_user_attr("driver", _driver_id())
         attempts += len(batch)
         drawn = [trial_scenario(scenario, t) for t in batch]
-        run_cells(
-            [c for t, (sc, _) in zip(batch, drawn, strict=True) for c in trial_cells(sc, t.number)]
-        )
+        pairs = zip(batch, drawn, strict=True)
+        run_cells([c for t, (sc, _) in pairs for c in trial_cells(sc, t.number, max_cells)])
         df = load(store)
         for t, (_, params) in zip(batch, drawn, strict=True):
             rows = df[df["scenario"] == trial_label(scenario, t.number)]

@@ -137,8 +137,9 @@ def listening_addresses(pids: set[int]) -> set[str]:
 @dataclass
 class FaultInjector(Executor):
     """`inner`, except that the first task of `stage` (`verify` included) fails: `transient`
-    raises a TransientError (Ray retries it), `crash` kills the worker process. `marker` is a
-    file made on the first fault, so the retry runs clean."""
+    raises a TransientError (Ray retries it), `crash` kills the worker process, `error` raises
+    a plain ValueError outside the stage's own failure capture (never retried: the cell
+    fails). `marker` is a file made on the first fault, so a retry would run clean."""
 
     kind: str
     stage_name: str
@@ -155,6 +156,8 @@ class FaultInjector(Executor):
         open(self.marker, "w").close()
         if self.kind == "crash":
             os.kill(os.getpid(), signal.SIGKILL)  # the worker dies mid-stage, as if OOM-killed
+        if self.kind == "error":
+            raise ValueError(f"injected deterministic fault in {stage}")
         raise TransientError(f"injected transient fault in {stage}")
 
     def stage(self, name: str) -> Callable:

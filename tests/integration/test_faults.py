@@ -112,6 +112,27 @@ def test_deterministic_failure_is_a_failed_row_and_is_retried(ray_session, nan_s
     assert result_files(store)[good.cell_id].stat().st_mtime_ns == good_mtime
 
 
+@pytest.mark.parametrize("stage", ["attack", "verify"])
+def test_error_outside_a_stage_is_a_failed_row_never_retried(ray_session, tmp_path, stage):
+    """Only a TransientError reaches Ray's retries: anything else a task raises is the cell's
+    failure, with its message and traceback in the row (a retry would have run clean)."""
+    scenario = parse_scenario(tiny_scenario_dict(**FAULT_CELL))
+    (cell,) = expand_cells(scenario)
+    store = str(tmp_path / "store")
+    marker = tmp_path / "fault-fired"
+    summary = scheduler.run_cells(
+        [cell], store, resources=scenario.resources,
+        executor=FaultInjector("error", stage, str(marker)),
+    )  # fmt: skip
+    assert marker.exists() and (summary.ok, summary.failed) == (0, 1), summary.failures
+    (row,) = load(store).to_dict("records")
+    assert row["status"] == "failed"
+    assert row["error"].startswith(f"{stage}: ValueError: injected deterministic fault")
+    assert "Traceback (most recent call last)" in row["traceback"] and "_fault" in row["traceback"]
+    again = scheduler.run_cells([cell], store, resources=scenario.resources)
+    assert (again.ok, again.failed) == (1, 0)  # the next run retries the failed cell
+
+
 def test_worker_lost_for_good_is_a_failed_row_then_retried(ray_session, tiny_scenario, tmp_path):
     """With no retries left, a crashed task still ends as a `failed` row (never a gap), the
     run carries on, and the next run completes the cell."""

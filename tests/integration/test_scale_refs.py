@@ -18,9 +18,10 @@ class Counting:
     def __init__(self, remote, counts: Counter) -> None:
         self.inner, self.counts = remote, counts
 
-    def remote(self, executor, stage, cell, key, *rest):
+    def remote(self, payload: bytes, *upstream):
+        _, key, _ = scheduler._unpack(payload)
         self.counts[key] += 1
-        return self.inner.remote(executor, stage, cell, key, *rest)
+        return self.inner.remote(payload, *upstream)
 
 
 def test_refs_released_and_each_key_submitted_once(ray_session, tiny_scenario) -> None:
@@ -31,7 +32,7 @@ def test_refs_released_and_each_key_submitted_once(ray_session, tiny_scenario) -
         attacks=["identity", {"name": "prune", "params": {"sparsity": [0.3, 0.6]}}],
     )
     cells = expand_cells(scenario)
-    graph = scheduler.StageGraph("unused", Resources(), 0, NOOP, None)
+    graph = scheduler.StageGraph("unused", Resources(), 0, NOOP, None, {"run_id": "refs"})
     counts: Counter = Counter()
     graph.tasks = {
         name: task if name == "verify" else Counting(task, counts)
@@ -39,7 +40,7 @@ def test_refs_released_and_each_key_submitted_once(ray_session, tiny_scenario) -
     }
     graph.plan(cells)
     summary = scheduler.RunSummary(run_id="refs", total=len(cells), skipped=0)
-    scheduler._drive(graph, cells, {"run_id": "refs"}, 3, summary, None)
+    scheduler._drive(graph, cells, 3, summary, None)
     assert summary.ok == len(cells) == 4 * 2 * 3, summary.failures
     assert graph.refs == {} and graph.needed == {} and graph.live == {}
     assert counts == Counter(dict.fromkeys(distinct_jobs(cells), 1))

@@ -94,7 +94,7 @@ def with_changes(**changes: Any) -> dict:
 # ------------------------------------------------------------------ --max-cells
 
 
-@pytest.mark.parametrize("command", ["validate", "run"])
+@pytest.mark.parametrize("command", ["validate", "run", "tune"])
 def test_a_grid_of_ten_million_cells_exits_2_before_any_cell_is_made(
     tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch, command: str
 ) -> None:
@@ -103,7 +103,11 @@ def test_a_grid_of_ten_million_cells_exits_2_before_any_cell_is_made(
     monkeypatch.setattr(harness.grid, "Cell", lambda *a: made.append(a) or real_cell(*a))
     path = write(tmp_path, HUGE)
     store = tmp_path / "store"
-    extra = ["--store", str(store), "--no-progress"] if command == "run" else []
+    extra = {
+        "validate": [],
+        "run": ["--store", str(store), "--no-progress"],
+        "tune": ["--store", str(store)],
+    }[command]
     start, rss = time.perf_counter(), peak_rss_mb()
     assert main([command, str(path), *extra]) == 2
     seconds = time.perf_counter() - start
@@ -123,6 +127,9 @@ def test_max_cells_is_the_limit(tmp_path: Path, capsys: pytest.CaptureFixture) -
     assert "12 cells" in err and "--max-cells" in err and "grid" in err
     assert main(["validate", str(path), "--max-cells", "12"]) == 0
     assert "12 cells" in capsys.readouterr().out
+    store = tmp_path / "store"
+    assert main(["tune", str(path), "--store", str(store), "--max-cells", "11"]) == 2
+    assert "12 cells" in capsys.readouterr().err and not store.exists()
 
 
 def test_max_cells_below_one_is_a_usage_error(tmp_path: Path) -> None:
@@ -202,8 +209,11 @@ class Recorder:
     def __init__(self, log: list) -> None:
         self.log = log
 
-    def remote(self, executor, stage, cell, key, store, *upstream):
-        self.log.append((stage, key, upstream))
+    def remote(self, payload: bytes, *upstream):
+        from harness import scheduler  # lazy: imports ray (never initialised here)
+
+        head, key, _ = scheduler._unpack(payload)  # (stage, key) or (cell id, "verify")
+        self.log.append((head if key != "verify" else "verify", key, upstream))
         return f"ref-{len(self.log)}"
 
 
@@ -211,7 +221,7 @@ def recorded_graph():
     from harness import scheduler  # lazy: imports ray (never initialised here)
 
     log: list = []
-    graph = scheduler.StageGraph("store", Resources(), 2, NOOP, None)
+    graph = scheduler.StageGraph("store", Resources(), 2, NOOP, None, {"run_id": "r"})
     graph.tasks = {name: Recorder(log) for name in graph.tasks}
     return graph, log
 
@@ -227,7 +237,7 @@ def test_refs_are_released_once_no_cell_to_come_needs_them(path: Path) -> None:
     graph.plan(cells)
     held = []
     for cell in cells:
-        graph.submit(cell, {"run_id": "r"})
+        graph.submit(cell)
         held.append(len(graph.refs))
         # every ref still held is needed by a cell to come
         later = set().union(*(job_keys(c.attack_job()) for c in cells[len(held) :]))
@@ -243,5 +253,5 @@ def test_unplanned_cells_keep_their_refs() -> None:
     cells = expand_cells(parse_scenario(BASE))
     graph, log = recorded_graph()
     for cell in cells:
-        graph.submit(cell, {"run_id": "r"})
+        graph.submit(cell)
     assert set(graph.refs) == set(distinct_jobs(cells))
