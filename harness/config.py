@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import re
 import typing
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -183,6 +184,45 @@ class TuneCfg(Strict):
         return out
 
 
+WHERE_KEYS = ("method", "attack", "arch", "attack_role", "method_params", "attack_params")
+
+
+class ReportedFigure(Strict):
+    """A figure the method's paper reports: `harness report` prints it beside the figure
+    measured on the rows that `where` selects, and the gap (RobustBench style).
+
+    `metric` is a generic figure (wm_score, wm_detected, wm_removed, task_score, task_drop,
+    embed_drop), a row metric of the plug-in (e.g. ssim_min), or a column of its own summary
+    table (e.g. disc_rel); `op` says what the paper claims: at least (>=), at most (<=) or
+    about (==) `value`. `where` picks rows by name columns, and by parameters with a dict
+    (``method_params: {adversarial: true}``)."""
+
+    metric: str = Field(min_length=1)
+    value: float
+    op: Literal[">=", "<=", "=="] = "=="
+    where: dict[str, Any] = {}
+    setting: str = ""
+    source: str = ""
+
+    @field_validator("value")
+    @classmethod
+    def _finite(cls, v: float) -> float:
+        if not math.isfinite(v):
+            raise ValueError("must be a finite number")
+        return v
+
+    @field_validator("where")
+    @classmethod
+    def _known_columns(cls, v: dict[str, Any]) -> dict[str, Any]:
+        for key, value in v.items():
+            if key not in WHERE_KEYS:
+                raise ValueError(f"unknown column {key!r}; allowed: {', '.join(WHERE_KEYS)}")
+            if key.endswith("_params") != isinstance(value, dict):
+                kind = "a mapping of parameters" if key.endswith("_params") else "a name"
+                raise ValueError(f"{key} takes {kind}, got {value!r}")
+        return v
+
+
 class Scenario(Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
     description: str = ""
@@ -195,7 +235,8 @@ class Scenario(Strict):
     resources: Resources = Resources()
     max_in_flight: int | None = Field(None, ge=1)
     max_retries: int = Field(2, ge=0)
-    reported: dict[str, Any] = {}
+    # figures from the paper, compared by `harness report`; a mapping is free text (notes)
+    reported: list[ReportedFigure] | dict[str, Any] = []
     tune: TuneCfg | None = None
 
     @field_validator("name")
@@ -212,9 +253,14 @@ def param_names(params_model: type[BaseModel]) -> list[str]:
     return sorted(f.alias or name for name, f in params_model.model_fields.items())
 
 
+UNION_TAG = re.compile(r"^[A-Za-z_]+\[.*\]$")  # pydantic's name of a union's branch in a loc
+
+
 def _field_path(loc: tuple) -> str:
     out = ""
     for part in loc:
+        if isinstance(part, str) and UNION_TAG.match(part):
+            continue  # `reported.list[ReportedFigure][0]` reads `reported[0]`
         out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
     return out
 

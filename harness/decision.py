@@ -6,9 +6,8 @@ from __future__ import annotations
 import math
 from statistics import NormalDist
 
-from scipy.stats import binomtest
-
 from harness.plugin import Metric
+from results import stats
 
 
 def null_model_metrics(score: str) -> tuple[Metric, ...]:
@@ -32,10 +31,25 @@ def null_threshold(
     std = math.sqrt(sum((s - mean) ** 2 for s in null_scores) / (n - 1)) if n > 1 else 0.0
     std = max(std, math.sqrt(chance * (1 - chance) / n_keys))
     threshold = NormalDist(mean, std).inv_cdf(1 - p_value)
-    return {"threshold": threshold, "null_mean": mean, "null_std": std}
+    scores = [float(s) for s in null_scores]
+    return {"threshold": threshold, "null_mean": mean, "null_std": std, "null_scores": scores}
+
+
+NULL_SCORE_PREFIX = "null_score_"  # + i: the i-th null model's score (the report's negatives)
+
+
+def null_figures(key: dict) -> dict[str, float]:
+    """The row metrics of a key calibrated by `null_threshold`: the null models' mean and
+    spread, and each null model's own score (`null_score_<i>`), which `harness report` takes
+    as negatives of its ROC (a key made before the scores were kept gives none)."""
+    scores = key.get("null_scores", ())
+    return {
+        "null_mean": key["null_mean"],
+        "null_std": key["null_std"],
+        **{f"{NULL_SCORE_PREFIX}{i}": float(s) for i, s in enumerate(scores)},
+    }
 
 
 def binomial_p(accuracy: float, n_keys: int, chance: float) -> float:
     """Exact one-sided binomial p-value of `accuracy` over `n_keys` keys against chance."""
-    hits = round(accuracy * n_keys)
-    return float(binomtest(hits, n_keys, chance, alternative="greater").pvalue)
+    return stats.binomial_p(round(accuracy * n_keys), n_keys, chance)

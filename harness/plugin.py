@@ -16,12 +16,15 @@ Declarations (class attributes or cheap instance methods, all read in the driver
 - ``aux_steps()``: `AuxStep`s, each a cached job the engine runs once per distinct key and
   shares between cells (an ISN per scenario, a key set per source victim, ...).
 - ``tiny_params()``: parameters small enough for the inherited contract suite.
+- ``summary_table(df)`` and ``report_figures``: the plug-in's own section of ``harness show``
+  and ``harness report`` (the driver stores the table and ``describe()`` with the results; the
+  report reads them from the store and never imports a plug-in).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Collection
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any, ClassVar, Literal
 
 import torch.nn as nn
@@ -46,6 +49,19 @@ class Metric:
     agg: Literal["mean", "min", "max", "sum"] = "mean"  # over the cells of a group
     optional: bool = False  # only some attacks or models produce it
     level: Literal["row", "table"] = "row"
+
+
+@dataclass(frozen=True)
+class Bars:
+    """A figure of the plug-in's own section in `harness report`: bars of the `y` columns of
+    its `summary_table`, one group per row (labelled by the `x` columns joined). Data, not
+    code: the report draws it from the stored table without importing the plug-in."""
+
+    title: str
+    x: tuple[str, ...]
+    y: tuple[str, ...]
+    ylabel: str = ""
+    hline: float | None = None  # a reference line (a threshold, chance)
 
 
 @dataclass(frozen=True)
@@ -136,6 +152,7 @@ class Plugin:
     # `harness tune`: the figure maximised (or minimised) by default, from `tune_figures`
     objective: ClassVar[str | None] = None
     summary_title: ClassVar[str | None] = None  # title of `summary_table` in `harness show`
+    report_figures: ClassVar[tuple[Bars, ...]] = ()  # drawn from `summary_table` by the report
 
     def __init__(self, params: dict[str, Any] | None = None) -> None:
         self.params = self.Params(**(params or {}))
@@ -171,6 +188,20 @@ class Plugin:
     @classmethod
     def declared(cls) -> dict[str, Metric]:
         return {m.name: m for m in cls.metrics}
+
+    @classmethod
+    def describe(cls) -> dict[str, Any]:
+        """What the report needs to know of this plug-in, as JSON (stored with the results, so
+        that the report reads the store alone): its declared metrics and section figures."""
+        return {
+            "kind": cls.kind,
+            "name": cls.name,
+            "version": cls.version,
+            "summary_title": cls.summary_title,
+            "objective": cls.objective,
+            "metrics": [asdict(m) for m in cls.metrics],
+            "figures": [asdict(f) for f in cls.report_figures],
+        }
 
     @classmethod
     def summary_table(cls, df):

@@ -40,12 +40,8 @@ from harness.training import (
     train_task_model,
 )
 from model_zoo import ModelSpec
+from results.stats import budget
 from results.store import write_row
-
-# WRT: a removal counts only if the task score drops by less than this (accuracy: 5 points;
-# PSNR: 2 dB, this harness's analogue for image-to-image models)
-MAX_TASK_DROP = {"accuracy": 0.05, "psnr": 2.0}
-
 
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 
@@ -317,7 +313,8 @@ def _measure(c: Cell, store: str, device: str, victim: dict, marked: dict, attac
     if method.wm_metric:
         drop = out["task_score_marked"] - out["task_score_attacked"]
         removed = (
-            marked["wm"]["detected"] and not score.detected and drop < MAX_TASK_DROP[ctx_metric]
+            # WRT: the task drops by less than 5 points (2 dB for image models): results.stats
+            marked["wm"]["detected"] and not score.detected and drop < budget(ctx_metric)
         )
         metrics.update(
             wm_detected_marked=float(marked["wm"]["detected"]), wm_removed=float(removed)

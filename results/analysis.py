@@ -2,15 +2,38 @@
 
 from __future__ import annotations
 
+import functools
 import json
+import re
 
 import pandas as pd
+
+TRIAL = re.compile(r"^(?P<base>.+)\.trial(?P<number>\d+)$")  # `harness tune`'s trial scenarios
+
+
+def trial_of(name: str) -> str | None:
+    """The tuned scenario a trial's scenario name (`<name>.trial<N>`) belongs to, else None."""
+    m = TRIAL.match(name)
+    return m["base"] if m else None
+
+
+def scenario_rows(df: pd.DataFrame) -> dict[str, tuple[pd.DataFrame, pd.DataFrame]]:
+    """Per scenario (a tuned scenario's trials folded into it): (its rows, its trials' rows).
+    A scenario that was only tuned has its trials' rows as its rows."""
+    base = df["scenario"].map(lambda s: trial_of(s) or s)
+    out = {}
+    for name, group in df.groupby(base, sort=True):
+        is_trial = group["scenario"] != name
+        own, trials = group[~is_trial], group[is_trial]
+        out[str(name)] = (own if len(own) else trials, trials)
+    return out
 
 
 def varying_params(df: pd.DataFrame, name_col: str, params_col: str) -> dict[str, list[str]]:
     """Per attack (or method) name, the parameter keys that take more than one value."""
     out: dict[str, list[str]] = {}
-    for name, group in df.groupby(name_col):
+    pairs = df[[name_col, params_col]].drop_duplicates()  # parse each distinct setting once
+    for name, group in pairs.groupby(name_col):
         params = [json.loads(p or "{}") for p in group[params_col]]
         keys = sorted({k for p in params for k in p})
         out[name] = [k for k in keys if len({json.dumps(p.get(k)) for p in params}) > 1]
@@ -21,6 +44,7 @@ def label(df: pd.DataFrame, name_col: str, params_col: str) -> pd.Series:
     """'fine_tune(mode=rtal)': the name plus only the parameters that vary in this frame."""
     vary = varying_params(df, name_col, params_col)
 
+    @functools.cache
     def one(name: str, params: str) -> str:
         p = json.loads(params or "{}")
         shown = ",".join(f"{k}={p.get(k)}" for k in vary.get(name, []))
@@ -32,32 +56,35 @@ def label(df: pd.DataFrame, name_col: str, params_col: str) -> pd.Series:
 
 
 def summary(df: pd.DataFrame, by: tuple[str, ...] = ("method", "attack")) -> pd.DataFrame:
-    """Mean scores per group over archs and seeds: the method x attack table."""
+    """The method x attack table of `harness show`: mean scores per group over archs and seeds,
+    and the shares (detected after the attack, removed by WRT's rule) with their 95 % Wilson
+    intervals - computed by `results.stats.group_estimates`, as in `harness report`."""
+    from results.stats import group_estimates  # scipy: only when a table is asked for
+
     if df.empty:
         return pd.DataFrame()
     df = df.assign(
         method=label(df, "method", "method_params"), attack=label(df, "attack", "attack_params")
     )
-    removed = df["metrics"].map(lambda m: (m or {}).get("wm_removed"))
-    df = df.assign(
-        wm_removed=pd.to_numeric(removed),
-        ok=df["status"].eq("ok"),
-        # shares are over ok cells: a failed cell is neither detected nor not (column `failed`)
-        wm_detected=df["wm_detected"].astype(float).where(df["status"].eq("ok")),
-    )
-    agg = df.groupby(list(by)).agg(
-        cells=("cell_id", "size"),
-        failed=("ok", lambda s: int((~s).sum())),
+    est = group_estimates(df, list(by)).set_index(list(by))
+    ok = df[df["status"] == "ok"]
+    means = ok.groupby(list(by)).agg(
         task_clean=("task_score_clean", "mean"),
         task_marked=("task_score_marked", "mean"),
         task_attacked=("task_score_attacked", "mean"),
         wm_marked=("wm_score_marked", "mean"),
         wm_attacked=("wm_score_attacked", "mean"),
-        wm_threshold=("wm_threshold", "mean"),
-        detected=("wm_detected", "mean"),
-        removed=("wm_removed", "mean"),
     )
-    return agg.reset_index()
+    out = est[["cells", "failed"]].join(means)
+    out["wm_threshold"] = est["wm_threshold"]
+    for share in ("detected", "removed"):  # over ok cells: a failed cell is neither
+        out[share] = est[share]
+        out[f"{share}_ci"] = [
+            "-" if n == 0 or pd.isna(lo) else f"[{lo:.2f}, {hi:.2f}]"
+            for lo, hi, n in zip(est[f"{share}_low"], est[f"{share}_high"], est[f"{share}_n"],
+                                 strict=True)
+        ]  # fmt: skip
+    return out.reset_index()
 
 
 def metric(df: pd.DataFrame, name: str) -> pd.Series:

@@ -29,7 +29,7 @@ import pyarrow.dataset as ds
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from harness.fs import atomic_write, exists, open_store
+from harness.fs import atomic_write, exists, open_store, read_bytes
 from results.schema import COLUMNS, SCHEMA, SCHEMA_VERSION
 
 FAILED_SUFFIX = ".failed.parquet"
@@ -314,3 +314,54 @@ def write_manifest(store: str, run_id: str, manifest: dict[str, Any]) -> None:
     atomic_write(
         fs, f"{root}/runs/{run_id}.json", json.dumps(manifest, indent=2, default=str).encode()
     )
+
+
+# ------------------------------------------------------------------ plug-in sections
+# The report reads the store alone (no torch, no plug-in imports): the driver stores what it
+# needs of the plug-ins - their declarations and their own summary tables per scenario.
+
+
+def _sections_dir(root: str, scenario: str) -> str:
+    return f"{root}/report/sections/{scenario}"
+
+
+def write_sections(
+    store: str, scenario: str, plugins: dict[str, dict], tables: dict[str, pd.DataFrame], rows: int
+) -> None:
+    """Store every plug-in's `describe()` (`plugins`, keyed "<kind>-<name>") and the
+    scenario's plug-in summary tables, each stamped with the number of rows it was built from
+    (the report says when the store has more rows than a table saw)."""
+    fs, root = open_store(store)
+    atomic_write(fs, f"{root}/report/plugins.json", json.dumps(plugins, indent=1).encode())
+    folder = _sections_dir(root, scenario)
+    for key, table in tables.items():
+        arrow = pa.Table.from_pandas(table, preserve_index=False)
+        arrow = arrow.replace_schema_metadata({**(arrow.schema.metadata or {}),
+                                               b"wmbench_rows": str(rows).encode()})
+        buf = io.BytesIO()
+        pq.write_table(arrow, buf)
+        atomic_write(fs, f"{folder}/{key}.parquet", buf.getvalue())
+
+
+def read_sections(store: str, scenario: str) -> tuple[dict[str, dict], dict[str, tuple]]:
+    """The stored plug-in declarations and, per "<kind>-<name>", (table, rows it saw) for
+    `scenario`; empty where nothing was stored (a store written before sections were)."""
+    fs, root = open_store(store)
+    meta_path = f"{root}/report/plugins.json"
+    plugins = json.loads(read_bytes(fs, meta_path)) if exists(fs, meta_path) else {}
+    folder = _sections_dir(root, scenario)
+    tables: dict[str, tuple] = {}
+    if exists(fs, folder):
+        for info in fs.get_file_info(pafs.FileSelector(folder)):
+            if not info.path.endswith(".parquet"):
+                continue
+            try:
+                arrow = pq.read_table(io.BytesIO(read_bytes(fs, info.path)))
+            except (OSError, pa.ArrowException):
+                warnings.warn(f"skipped unreadable section table {info.path}", StoreWarning,
+                              stacklevel=2)
+                continue
+            rows = int((arrow.schema.metadata or {}).get(b"wmbench_rows", b"-1"))
+            key = info.path.rsplit("/", 1)[-1].removesuffix(".parquet")
+            tables[key] = (arrow.to_pandas(), rows)
+    return plugins, tables

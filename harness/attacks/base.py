@@ -14,7 +14,7 @@ from typing import ClassVar
 import torch.nn as nn
 
 from harness.context import Context
-from harness.plugin import Attacked, Metric, Plugin
+from harness.plugin import Attacked, Bars, Metric, Plugin
 from harness.registry import Registry
 
 
@@ -42,4 +42,4 @@ def create_attack(name: str, params: dict | None = None) -> Attack:
     return ATTACKS.get(name)(params)
 
 
-__all__ = ["ATTACKS", "Attack", "Attacked", "Metric", "create_attack", "register"]
+__all__ = ["ATTACKS", "Attack", "Attacked", "Bars", "Metric", "create_attack", "register"]

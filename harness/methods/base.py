@@ -30,6 +30,7 @@ from harness.plugin import (
     Attacked,
     AuxOutput,
     AuxStep,
+    Bars,
     Embedded,
     Metric,
     Need,
@@ -80,6 +81,6 @@ def create_method(name: str, params: dict | None = None) -> Method:
 
 
 __all__ = [
-    "METHODS", "Attacked", "AuxOutput", "AuxStep", "Embedded", "Method", "Metric", "NoParams",
-    "VictimRef", "WatermarkScore", "create_method", "register",
+    "METHODS", "Attacked", "AuxOutput", "AuxStep", "Bars", "Embedded", "Method", "Metric",
+    "NoParams", "VictimRef", "WatermarkScore", "create_method", "register",
 ]  # fmt: skip

@@ -37,6 +37,7 @@ from harness.image_metrics import ssim
 from harness.methods.base import (
     AuxOutput,
     AuxStep,
+    Bars,
     Embedded,
     Method,
     Metric,
@@ -243,6 +244,16 @@ class Discriminative(Method):
     )  # fmt: skip
     objective = "disc_rel"
     summary_title = "discriminability (benign - malicious)"
+    report_figures = (
+        Bars(
+            "discriminability: key accuracy under benign minus under malicious modifications, "
+            "beside the same gap for natural test images (the control)",
+            x=("source", "target"),
+            y=("disc", "disc_control", "disc_rel"),
+            ylabel="accuracy gap (benign - malicious)",
+            hline=0.0,
+        ),
+    )
 
     @classmethod
     def tiny_params(cls) -> dict:

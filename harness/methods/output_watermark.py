@@ -44,6 +44,7 @@ from harness.image_training import (
 from harness.methods.base import (
     AuxOutput,
     AuxStep,
+    Bars,
     Embedded,
     Method,
     Metric,
@@ -173,6 +174,21 @@ class OutputWatermark(Method):
         Metric("wm_ssim", "invisibility: SSIM of served vs own output", optional=True),
     )
     summary_title = "output watermarking (success = share of outputs with NC > 0.95)"
+    report_figures = (
+        Bars(
+            "success rate per surrogate (outputs: unmarked = the false-positive control)",
+            x=("attack", "outputs"),
+            y=("success_rate", "fp_clean"),
+            ylabel="share of outputs with NC > 0.95",
+        ),
+        Bars(
+            "invisibility of the served watermark and the surrogate's task PSNR",
+            x=("attack", "outputs"),
+            y=("wm_psnr", "task_psnr"),
+            ylabel="PSNR (dB)",
+            hline=30.0,
+        ),
+    )
 
     @classmethod
     def tiny_params(cls) -> dict:

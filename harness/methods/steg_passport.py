@@ -49,6 +49,7 @@ from harness.image_metrics import psnr, ssim, to_uint8
 from harness.methods.base import (
     AuxOutput,
     AuxStep,
+    Bars,
     Embedded,
     Method,
     Metric,
@@ -417,6 +418,20 @@ class StegPassport(Method):
                optional=True),
     )  # fmt: skip
     summary_title = "steganographic passport (detection = share of matching signs)"
+    report_figures = (
+        Bars(
+            "signature detection per attack: the owner's passport and forged ones",
+            x=("arch", "attack"),
+            y=("detection", "forged_detection", "forged_detection_owner_bits"),
+            ylabel="share of matching sign bits",
+        ),
+        Bars(
+            "licence reveal PSNR per key kind: genuine key, forged licence, forged key",
+            x=("arch", "attack"),
+            y=("reveal_psnr", "forged_reveal_psnr", "forged_key_reveal_psnr"),
+            ylabel="reveal PSNR (dB)",
+        ),
+    )
 
     @classmethod
     def tiny_params(cls) -> dict:

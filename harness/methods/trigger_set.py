@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 
-from harness.decision import binomial_p, null_model_metrics, null_threshold
+from harness.decision import binomial_p, null_figures, null_model_metrics, null_threshold
 from harness.methods.base import Embedded, Method, VictimRef, WatermarkScore, register
 from harness.training import fit, predict_logits
 
@@ -88,8 +88,7 @@ class TriggerSet(Method):
             detected=acc >= key["threshold"],
             threshold=key["threshold"],
             metrics={
-                "null_mean": key["null_mean"],
-                "null_std": key["null_std"],
+                **null_figures(key),
                 "p_value": binomial_p(acc, len(key["y"]), 1.0 / ctx.data.num_classes),
             },
         )

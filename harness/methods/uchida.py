@@ -25,7 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 
-from harness.decision import binomial_p, null_model_metrics, null_threshold
+from harness.decision import binomial_p, null_figures, null_model_metrics, null_threshold
 from harness.errors import ConfigError
 from harness.methods.base import Embedded, Method, Metric, VictimRef, WatermarkScore, register
 from harness.training import fit
@@ -151,8 +151,7 @@ class Uchida(Method):
             detected=found and acc >= key["threshold"],
             threshold=key["threshold"],
             metrics={
-                "null_mean": key["null_mean"],
-                "null_std": key["null_std"],
+                **null_figures(key),
                 "p_value": binomial_p(acc, len(key["b"]), 0.5),
                 "layer_found": float(found),
             },

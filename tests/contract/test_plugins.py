@@ -228,3 +228,25 @@ def test_data_of_a_task_the_plugin_does_not_declare_is_refused(kind, name):
     with pytest.raises(ConfigError) as err:
         check_scenario(scenario, "refuse.yaml")
     assert err.value.exit_code == 2 and err.value.field == f"{kind}s[0].name"
+
+
+@pytest.mark.parametrize("method", METHODS.list())
+def test_report_section_is_declared_as_data_its_table_can_draw(method, store):
+    """`describe()` is what the driver stores for `harness report` (JSON, no code); every bar
+    figure it declares names columns the plug-in's own table has."""
+    import json
+
+    import pandas as pd
+
+    cls = METHODS.get(method)
+    described = json.loads(json.dumps(cls.describe()))
+    assert described["name"] == method and described["kind"] == "method"
+    assert [m["name"] for m in described["metrics"]] == [m.name for m in cls.metrics]
+    row = run_cell(make_cell(method, "identity"), store)
+    table = cls.summary_table(pd.DataFrame([row]))
+    for fig in cls.report_figures:
+        assert fig.title and fig.y, f"{method}: a report figure without title or bars"
+        if table is None:  # e.g. discriminability needs benign and malicious rows
+            continue
+        assert set(fig.x) <= set(table.columns), f"{method}: {fig.x} not in {list(table)}"
+        assert set(fig.y) & set(table.columns), f"{method}: none of {fig.y} in {list(table)}"

@@ -594,3 +594,36 @@ def test_a_repeated_yaml_key_is_an_error_not_last_wins(tmp_path):
         load_scenario(path)
     assert err.value.exit_code == 2 and "duplicate key 'lr'" in str(err.value)
     assert str(path) in str(err.value) and "line" in str(err.value)
+
+
+# --- reported figures (compared by `harness report`) ---------------------------------------
+
+
+def test_reported_figures_parse_and_free_text_stays_valid(tmp_path: Path) -> None:
+    figure = {"metric": "wm_score", "value": 0.93, "op": ">=", "where": {"attack": "identity"},
+              "setting": "CIFAR-10", "source": "paper"}  # fmt: skip
+    scenario = load_scenario(write(tmp_path, scenario_with(reported=[figure])))
+    (got,) = scenario.reported
+    assert (got.metric, got.value, got.op, got.where) == ("wm_score", 0.93, ">=", figure["where"])
+    notes = load_scenario(write(tmp_path, scenario_with(reported={"paper": "free text"})))
+    assert notes.reported == {"paper": "free text"}
+
+
+@pytest.mark.parametrize(
+    "figure, field, needle",
+    [
+        ({"metric": "wm_score", "value": 0.9, "op": ">"}, "reported[0].op",
+         ">="),
+        ({"metric": "wm_score", "value": 0.9, "where": {"seed": 0}},
+         "reported[0].where", "attack_role"),
+        ({"metric": "wm_score", "value": 0.9, "where": {"method_params": "x"}},
+         "reported[0].where", "a mapping of parameters"),
+        ({"metric": "wm_score", "value": float("inf")},
+         "reported[0].value", "finite"),
+    ],
+)  # fmt: skip
+def test_bad_reported_figure_names_field_and_allowed(tmp_path: Path, figure, field, needle) -> None:
+    err, path = config_error(tmp_path, scenario_with(reported=[figure]))
+    assert err.file == str(path)
+    assert err.field == field
+    assert needle in str(err), str(err)
