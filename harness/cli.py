@@ -83,6 +83,7 @@ def cmd_run(args) -> int:
         if len(summary.failures) > 10:
             console.print(f"  … and {len(summary.failures) - 10} more (harness show --failed)")
     _show(args.store, scenario.name)
+    store_sections(args.store)  # for `harness report`, which reads the store alone
     if todo and summary.missing:
         console.print(
             f"[red]{len(summary.missing)} cells reported ok are missing from the store[/red] "
@@ -155,8 +156,9 @@ def _run_with_progress(scheduler, scenario, cells, args):
         )
 
 
-def plugin_tables(df) -> list[tuple[str, object]]:
-    """Each registered plug-in's own summary table over its ok rows (`summary_table`)."""
+def plugin_tables(df) -> list[tuple[type, object]]:
+    """Each registered plug-in that has rows here with its own summary table over its ok rows
+    (`summary_table`)."""
     from harness.attacks import ATTACKS
     from harness.methods import METHODS
 
@@ -169,8 +171,28 @@ def plugin_tables(df) -> list[tuple[str, object]]:
                 continue
             table = cls.summary_table(rows)
             if table is not None and not table.empty:
-                tables.append((cls.summary_title, table))
+                tables.append((cls, table))
     return tables
+
+
+def store_sections(store: str, df=None) -> None:
+    """Store what `harness report` needs of the plug-ins (it never imports them): every
+    registered plug-in's declarations and, per scenario of the store, their summary tables."""
+    from harness.attacks import ATTACKS
+    from harness.methods import METHODS
+    from results import load
+    from results.analysis import scenario_rows
+    from results.store import write_sections
+
+    df = load(store) if df is None else df
+    plugins = {
+        f"{registry.get(n).kind}-{n}": registry.get(n).describe()
+        for registry in (METHODS, ATTACKS)
+        for n in registry.list()
+    }
+    for scenario, (rows, _) in scenario_rows(df).items():  # as the report groups them
+        tables = {f"{cls.kind}-{cls.name}": table for cls, table in plugin_tables(rows)}
+        write_sections(store, scenario, plugins, tables, len(rows))
 
 
 def _show(
@@ -189,7 +211,7 @@ def _show(
     title = f"{store}" + (f" · {scenario}" if scenario else "")
     tables = [(title, summary(df, by))]
     if not df.empty:
-        tables += plugin_tables(df)
+        tables += [(cls.summary_title, table) for cls, table in plugin_tables(df)]
     for name, table in tables:
         if fmt == "markdown":
             print(f"\n**{name}**\n\n{markdown(table)}")
@@ -226,6 +248,24 @@ def cmd_show(args) -> int:
         return _show_failed(args.store, args.scenario)
     by = ("arch", "method", "attack") if args.by_arch else ("method", "attack")
     _show(args.store, args.scenario, by, args.format)
+    return 0
+
+
+def cmd_report(args) -> int:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from results.reporting import build  # reads the store alone: no Ray, no torch
+
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+               TimeElapsedColumn())  # fmt: skip
+    with Progress(*columns, console=console, transient=True) as bar:
+        task = bar.add_task("report", total=1)
+
+        def progress(message: str, done: int, total: int) -> None:
+            bar.update(task, description=message, completed=done, total=total)
+
+        path = build(args.store, args.scenario, args.out, args.format, progress)
+    console.print(f"report -> {path} (figures: PNG + PDF under figures/, tables: CSV)")
     return 0
 
 
@@ -296,6 +336,7 @@ def cmd_tune(args) -> int:
         on_trial=report,
         max_cells=args.max_cells,
     )
+    store_sections(args.store)  # for `harness report`, which reads the store alone
     out = tuning.best_fragment_path(args.store, scenario)
     fragment = tuning.write_best(study, scenario, out)
     if fragment is None:
@@ -442,6 +483,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="refuse a trial grid of more cells, before expanding it (default: 1,000,000)",
     )
     tune.set_defaults(fn=cmd_tune)
+    rep = sub.add_parser(
+        "report", help="one HTML page (or Markdown) of a store: decision statistics, figures"
+    )
+    rep.add_argument("store", nargs="?", default=DEFAULT_STORE)
+    rep.add_argument("--scenario", default=None, help="only this scenario (default: all)")
+    rep.add_argument("--out", default="report", help="folder to write (default: ./report)")
+    rep.add_argument("--format", choices=["html", "markdown"], default="html")
+    rep.set_defaults(fn=cmd_report)
     comp = sub.add_parser("compact", help="merge per-cell Parquet files (fast scans of big stores)")
     comp.add_argument("store", nargs="?", default=DEFAULT_STORE)
     comp.set_defaults(fn=cmd_compact)

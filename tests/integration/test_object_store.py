@@ -88,6 +88,27 @@ def test_cells_artifacts_rows_and_manifests_on_s3(s3_store):
     assert {k: again[k] for k in keep} == {k: rows[0][k] for k in keep}
 
 
+def test_report_of_an_s3_store(s3_store, tmp_path):
+    """`harness report` reads rows, manifests and plug-in sections from the object store."""
+    from harness.cli import main, store_sections
+
+    cells = [tiny_cell("identity", {}), tiny_cell("prune", {"sparsity": 0.5})]
+    for c in cells:
+        run_cell(c, s3_store)
+    write_manifest(s3_store, "run-report", {"started_at": "2026-11-29T00:00:00+00:00",
+                                            "scenario": {"name": "s3", "reported": [
+                                                {"metric": "wm_detected", "value": 1.0,
+                                                 "op": ">=", "where": {"attack": "identity"}}]}})
+    store_sections(s3_store)
+    out = tmp_path / "report"
+    assert main(["report", s3_store, "--scenario", "s3", "--out", str(out)]) == 0
+    page = (out / "index.html").read_text()
+    assert "Scenario s3" in page and "Reported beside measured" in page
+    assert "data:image/png;base64," in page
+    reported = (out / "tables" / "s3.reported.csv").read_text()
+    assert "wm_detected" in reported
+
+
 def test_tune_needs_an_explicit_storage_with_an_object_store(s3_store):
     from harness.tuning import default_storage
 

@@ -102,3 +102,32 @@ def test_second_run_does_no_work(smoke_run):
     assert set(Path(store, "runs").iterdir()) == manifests  # no new run recorded
     assert {cid: p.stat().st_mtime_ns for cid, p in result_files(store).items()} == files
     assert set(load(store)["run_id"]) == {first.run_id}
+
+
+def test_report_of_the_run_reads_the_store_alone(smoke_run, tmp_path):
+    """The driver stores the plug-in declarations; the report then needs only the store, and
+    the trigger set's null models give its ROC real negatives (one score per null model)."""
+    import pandas as pd
+
+    from harness.attacks import ATTACKS
+    from harness.cli import store_sections
+    from harness.methods import METHODS
+    from results.reporting import build
+    from results.store import read_sections
+
+    scenario, cells, store, _ = smoke_run
+    store_sections(store)
+    plugins, _ = read_sections(store, scenario.name)
+    assert set(plugins) == {f"method-{m}" for m in METHODS.list()} | {
+        f"attack-{a}" for a in ATTACKS.list()
+    }
+    page = build(store, out=tmp_path / "report")
+    assert page.read_text().count("<img") >= 2  # the heatmap and the Pareto view
+    sep = pd.read_csv(tmp_path / "report" / "tables" / f"{scenario.name}.separability.csv")
+    n_null = next(c for c in cells if c.method == "trigger_set").method_params["n_null"]
+    seeds = len({c.seed for c in cells})
+    assert (sep["negatives"] == n_null * seeds).all() and (sep["positives"] == seeds).all()
+    assert sep["auc"].between(0, 1).all()
+    decision = pd.read_csv(tmp_path / "report" / "tables" / f"{scenario.name}.decision.csv")
+    assert set(decision["attack_label"]) == {"identity", "prune", "quantize"}
+    assert (decision["failed"] == 0).all()
