@@ -264,6 +264,8 @@ def budget(task_metric: str | None) -> float:
 def _removal_one(row: Mapping[str, Any]) -> float:
     if row.get("status") != "ok":
         return NAN
+    if "wm_metric" in row and _missing(row["wm_metric"]):
+        return NAN  # a method with nothing to verify (the `none` control): nothing to remove
     figures = _metrics_map(row.get("metrics"))
     stored = figures.get("wm_removed")  # the engine's own verdict, made when the row was
     if not _missing(stored):
@@ -293,7 +295,8 @@ def removal(df: pd.DataFrame) -> pd.Series:
     points of accuracy). A row's stored `metrics["wm_removed"]` (the engine applies this same
     rule when it writes the row) is taken as is; the rule is applied here only without it.
     Not detected before -> 0.0 (nothing to remove); still detected -> 0.0 whatever the task
-    scores. NaN for failed rows and where a figure the answer depends on is missing.
+    scores. NaN for failed rows, rows of a method with nothing to verify (`wm_metric` null:
+    the `none` control) and where a figure the answer depends on is missing.
     """
     cols = [
         "status",
@@ -302,6 +305,7 @@ def removal(df: pd.DataFrame) -> pd.Series:
         "task_metric",
         "task_score_marked",
         "task_score_attacked",
+        *(["wm_metric"] if "wm_metric" in df.columns else []),
     ]
     records = df.reindex(columns=cols).to_dict("records")
     return pd.Series([_removal_one(r) for r in records], index=df.index, dtype=float)
@@ -341,7 +345,8 @@ def _floats(s: pd.Series) -> pd.Series:
 
 def _group_row(g: pd.DataFrame) -> dict[str, float | int]:
     ok = g[g["status"] == "ok"]
-    detected = [bool(v) for v in ok["wm_detected"] if not _missing(v)]
+    scored = ok if "wm_metric" not in ok else ok[ok["wm_metric"].notna()]  # not `none`'s
+    detected = [bool(v) for v in scored["wm_detected"] if not _missing(v)]
     removed = ok["_removed"].dropna()
     wm = _floats(ok["wm_score_attacked"])
     drop = _floats(ok["task_score_marked"]) - _floats(ok["task_score_attacked"])
@@ -383,7 +388,8 @@ def group_estimates(df: pd.DataFrame, by: Sequence[str]) -> pd.DataFrame:
     cells: all rows; failed: rows whose status is not "ok" (never part of a share or mean);
     seeds: distinct seeds among ok rows; missing: ok rows whose wm_score_attacked is NaN;
     detected (+ _low/_high Wilson, _n): share of ok rows with wm_detected True, over ok rows
-    where wm_detected is known; removed (+ _low/_high/_n): share of removal() == 1 over ok rows
+    where wm_detected is known and the method verifies something (wm_metric set, when the
+    column is there); removed (+ _low/_high/_n): share of removal() == 1 over ok rows
     where removal() is decidable; wm_score / task_drop (+ _low/_high): mean over ok rows of
     wm_score_attacked / task_score_marked - task_score_attacked with a bootstrap interval (NaN
     for a single seed); task_score (+ _low/_high): the same of task_score_attacked;
@@ -394,6 +400,7 @@ def group_estimates(df: pd.DataFrame, by: Sequence[str]) -> pd.DataFrame:
     needed = [
         "status",
         "seed",
+        *(["wm_metric"] if "wm_metric" in df.columns else []),
         "wm_detected",
         "wm_score_attacked",
         "wm_threshold",

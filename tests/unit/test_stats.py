@@ -305,3 +305,20 @@ def test_bootstrap_ci_is_scipys_percentile_bootstrap():
                             rng=np.random.default_rng(7)).confidence_interval  # fmt: skip
         got = bootstrap_ci(values, confidence=confidence, n_resamples=3000, seed=7)
         np.testing.assert_allclose(got, (ref.low, ref.high), rtol=1e-12)
+
+
+def test_a_method_with_nothing_to_verify_is_neither_detected_nor_removed():
+    """`none` rows (wm_metric null) carry wm_detected False by construction: no share counts
+    them, and WRT's rule has nothing to remove there."""
+    rows = [
+        {**_row(False, 0.90, 0.89), "wm_metric": None, "seed": s, "wm_score_attacked": None}
+        for s in range(3)
+    ] + [{**_row(False, 0.90, 0.89), "wm_metric": "trigger_accuracy", "seed": 0,
+          "wm_score_attacked": 0.1, "method": "m"}]  # fmt: skip
+    df = pd.DataFrame(rows).assign(method=["none"] * 3 + ["m"])
+    assert removal(df)[:3].isna().all()
+    assert removal(df).iloc[3] == 1.0
+    est = group_estimates(df, ["method"]).set_index("method")
+    assert est.loc["none", "detected_n"] == 0 and math.isnan(est.loc["none", "detected"])
+    assert est.loc["none", "removed_n"] == 0 and est.loc["none", "cells"] == 3
+    assert est.loc["m", "detected_n"] == 1 and est.loc["m", "removed"] == 1.0
