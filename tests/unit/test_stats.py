@@ -167,7 +167,7 @@ def test_gaussian_p():
     assert math.isnan(gaussian_p(float("nan"), 0.3, 0.05))
     cases = [(0.3 + 1.6448536269514722 * 0.05, 0.3, 0.05), (0.31, 0.3, 0.0), (0.2, 0.3, -1.0),
              (float("nan"), 0.3, 0.05), (0.5, 0.3, 0.1)]  # fmt: skip
-    many = gaussian_ps(*zip(*cases))  # the vectorised form agrees with the scalar one
+    many = gaussian_ps(*zip(*cases, strict=True))  # vectorised: agrees with the scalar one
     np.testing.assert_allclose(many, [gaussian_p(*c) for c in cases], rtol=1e-12)
 
 
