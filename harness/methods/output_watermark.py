@@ -177,13 +177,13 @@ class OutputWatermark(Method):
     report_figures = (
         Bars(
             "success rate per surrogate (outputs: unmarked = the false-positive control)",
-            x=("attack", "outputs"),
+            x=("settings", "attack", "outputs"),
             y=("success_rate", "fp_clean"),
             ylabel="share of outputs with NC > 0.95",
         ),
         Bars(
             "invisibility of the served watermark and the surrogate's task PSNR",
-            x=("attack", "outputs"),
+            x=("settings", "attack", "outputs"),
             y=("wm_psnr", "task_psnr"),
             ylabel="PSNR (dB)",
             hline=30.0,
