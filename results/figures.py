@@ -173,20 +173,31 @@ def pareto(panels: dict[str, pd.DataFrame], budget: float, budget_label: str,
 def bars(table: pd.DataFrame, x: list[str], y: list[str], ylabel: str, title: str,
          hline: float | None = None) -> Figure:  # fmt: skip
     """Grouped bars: one group per row of `table` (labelled by its `x` columns joined), one
-    bar per `y` column."""
+    bar per `y` column; drawn horizontally when there are more than 12 groups."""
     labels = [" · ".join(str(v) for v in row) for row in table[x].itertuples(index=False)]
     n, k = len(table), len(y)
-    fig, ax = plt.subplots(figsize=(max(5.0, 0.35 * n * k + 2.0), 3.6))
+    horizontal = n > 12
+    if horizontal:
+        fig, ax = plt.subplots(figsize=(8.0, min(40.0, 0.16 * n * k + 1.6)))
+    else:
+        fig, ax = plt.subplots(figsize=(max(5.0, 0.35 * n * k + 2.0), 3.6))
     width = 0.8 / k
     colours = plt.get_cmap("tab10")
     for j, col in enumerate(y):
         values = pd.to_numeric(table[col], errors="coerce").to_numpy(dtype=float)
-        ax.bar(np.arange(n) + (j - (k - 1) / 2) * width, values, width, label=col,
-               color=colours(j))  # fmt: skip
+        where = np.arange(n) + (j - (k - 1) / 2) * width
+        draw = ax.barh if horizontal else ax.bar
+        draw(where, values, width, label=col, color=colours(j))
     if hline is not None:
-        ax.axhline(hline, color="grey", lw=0.8)
-    ax.set_xticks(range(n), [_wrap(s, 24) for s in labels], rotation=35, ha="right", fontsize=7)
-    ax.set_ylabel(ylabel)
+        (ax.axvline if horizontal else ax.axhline)(hline, color="grey", lw=0.8)
+    if horizontal:
+        ax.set_yticks(range(n), [_wrap(s, 60) for s in labels], fontsize=7)
+        ax.invert_yaxis()  # the table's order, top to bottom
+        ax.set_xlabel(ylabel)
+    else:
+        ax.set_xticks(range(n), [_wrap(s, 24) for s in labels], rotation=35, ha="right",
+                      fontsize=7)  # fmt: skip
+        ax.set_ylabel(ylabel)
     ax.legend(fontsize=7, frameon=False)
     ax.set_title(_wrap(title))
     return fig
