@@ -59,7 +59,7 @@ def summary(df: pd.DataFrame, by: tuple[str, ...] = ("method", "attack")) -> pd.
     """The method x attack table of `harness show`: mean scores per group over archs and seeds,
     and the shares (detected after the attack, removed by WRT's rule) with their 95 % Wilson
     intervals - computed by `results.stats.group_estimates`, as in `harness report`."""
-    from results.stats import group_estimates  # scipy: only when a table is asked for
+    from results.stats import group_estimates  # lazy: scipy only when a table is asked for
 
     if df.empty:
         return pd.DataFrame()

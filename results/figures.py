@@ -7,6 +7,7 @@ counts (cells, seeds, negatives) in its title or legend, never only in the capti
 from __future__ import annotations
 
 import math
+import warnings
 from pathlib import Path
 
 import matplotlib
@@ -206,10 +207,8 @@ def bars(table: pd.DataFrame, x: list[str], y: list[str], ylabel: str, title: st
 def optuna_figures(study) -> dict[str, Figure]:
     """Optuna's own matplotlib views of a study: optimisation history and (with 2+ finished
     trials and a varying parameter) parameter importances."""
-    import warnings
-
-    import optuna
-    from optuna.visualization import matplotlib as ovm
+    import optuna  # lazy: only for a tuned scenario
+    from optuna.visualization import matplotlib as ovm  # lazy
 
     out: dict[str, Figure] = {}
     with warnings.catch_warnings():

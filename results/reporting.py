@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+from pyarrow.fs import FileSelector
 
 from harness.errors import ConfigError
 from harness.fs import exists, open_store, read_bytes
@@ -190,7 +191,6 @@ def _manifests(store: str) -> dict[str, dict]:
     folder = f"{root}/runs"
     if not exists(fs, folder):
         return {}
-    from pyarrow.fs import FileSelector
 
     found: dict[str, tuple[str, dict]] = {}
     for info in fs.get_file_info(FileSelector(folder)):
@@ -390,7 +390,7 @@ def _separability(marked: pd.DataFrame, out: Output, slug: str) -> Part:
     if (table["negatives"] == 0).all():
         part.text.append(
             "None of these methods records null-model scores (only methods with a "
-            "null-model threshold do: trigger_set, uchida, ...), so no ROC can be drawn."
+            "null-model threshold do), so no ROC can be drawn."
         )
     return part
 
@@ -617,9 +617,9 @@ def _optuna(store: str, name: str, trials: pd.DataFrame, out: Output, slug: str)
     if not journal.exists():
         part.text.append(f"No Optuna journal at {journal}.")
         return part
-    import optuna
-    from optuna.storages import JournalStorage
-    from optuna.storages.journal import JournalFileBackend
+    import optuna  # lazy: only for a tuned scenario
+    from optuna.storages import JournalStorage  # lazy
+    from optuna.storages.journal import JournalFileBackend  # lazy
 
     try:
         study = optuna.load_study(study_name=name, storage=JournalStorage(
