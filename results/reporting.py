@@ -162,8 +162,8 @@ def build(
         for i, name in enumerate(names, 1):
             say(f"scenario {name}", i - 1, len(names) + 1)
             rows, trials = by_scenario[name]
-            sc = manifests.get(name)
-            reports.append(_scenario_report(store, name, rows, trials, sc, output))
+            runs = manifests.get(name, [])
+            reports.append(_scenario_report(store, name, rows, trials, runs, output))
         say("drawing the figures", len(names), len(names) + 1)
     finally:
         output.wait()
@@ -185,14 +185,14 @@ def build(
     return path
 
 
-def _manifests(store: str) -> dict[str, dict]:
-    """The newest run manifest's scenario (as it was run) per scenario name."""
+def _manifests(store: str) -> dict[str, list[dict]]:
+    """Every run manifest per scenario name, oldest first (the newest holds the scenario as
+    last run, its `reported:` figures included)."""
     fs, root = open_store(store)
     folder = f"{root}/runs"
     if not exists(fs, folder):
         return {}
-
-    found: dict[str, tuple[str, dict]] = {}
+    found: dict[str, list[dict]] = {}
     for info in fs.get_file_info(FileSelector(folder)):
         if not info.path.endswith(".json"):
             continue
@@ -200,11 +200,12 @@ def _manifests(store: str) -> dict[str, dict]:
             manifest = json.loads(read_bytes(fs, info.path))
         except (OSError, ValueError):
             continue  # a manifest being written, or damaged: it holds no rows
-        sc = manifest.get("scenario") or {}
-        name, started = sc.get("name"), str(manifest.get("started_at", ""))
-        if name and (name not in found or started > found[name][0]):
-            found[name] = (started, sc)
-    return {name: sc for name, (_, sc) in found.items()}
+        name = (manifest.get("scenario") or {}).get("name")
+        if name:
+            found.setdefault(name, []).append(manifest)
+    for runs in found.values():
+        runs.sort(key=lambda m: str(m.get("started_at", "")))
+    return found
 
 
 # ------------------------------------------------------------------ one scenario
@@ -219,8 +220,10 @@ def _prepare(rows: pd.DataFrame) -> pd.DataFrame:
 
 
 def _scenario_report(
-    store: str, name: str, rows: pd.DataFrame, trials: pd.DataFrame, sc: dict | None, out: Output
+    store: str, name: str, rows: pd.DataFrame, trials: pd.DataFrame, runs: list[dict],
+    out: Output,
 ) -> ScenarioReport:
+    sc = runs[-1]["scenario"] if runs else None
     rows = _prepare(rows)
     slug = re.sub(r"[^A-Za-z0-9_.-]", "_", name)
     report = ScenarioReport(name)
@@ -238,7 +241,7 @@ def _scenario_report(
     parts.append(_curves(marked, est, out, slug))
     parts.append(_pareto(marked, out, slug))
     parts.extend(_plugin_sections(plugins, sections, len(rows), out, slug))
-    parts.append(_cost(rows, out, slug))
+    parts.extend(_cost(rows, runs, out, slug))
     if len(trials):
         parts.append(_optuna(store, name, trials, out, slug))
     failed = rows[rows["status"] != "ok"]
@@ -585,7 +588,7 @@ def _plugin_sections(
     return parts
 
 
-def _cost(rows: pd.DataFrame, out: Output, slug: str) -> Part:
+def _cost(rows: pd.DataFrame, runs: list[dict], out: Output, slug: str) -> list[Part]:
     stages = rows["stage_seconds"].map(lambda m: m or {})
     names = sorted({k for m in stages for k in m})
     d = rows.assign(**{f"s_{k}": stages.map(lambda m, k=k: m.get(k, math.nan)) for k in names})
@@ -604,7 +607,23 @@ def _cost(rows: pd.DataFrame, out: Output, slug: str) -> Part:
         f"that uses it). Total cell time {d['duration_s'].sum():.0f} s; GPU-seconds: the "
         "duration of cells that ran on a CUDA device (0 where none did)."
     )
-    return part
+    if runs:  # what each run computed and what it found cached (its manifest's counts)
+        table = pd.DataFrame(
+            [{"run": m.get("run_id"), "started": str(m.get("started_at", ""))[:19],
+              "cells": m.get("cells"), "already stored": m.get("skipped"), "ok": m.get("ok"),
+              "failed": m.get("failed"), "seconds": m.get("seconds"),
+              **{f"computed {k}": v for k, v in (m.get("computed") or {}).items()}}
+             for m in runs]  # fmt: skip
+        )
+        part.text.append(
+            "Runs of this scenario (from their manifests): cells found already stored, and the "
+            "distinct stages each run computed - every other stage its cells needed came from "
+            "the artifact cache."
+        )
+        extra = Part("Runs: computed vs cached", table=table,
+                     csv=out.csv(table, f"{slug}.runs"))  # fmt: skip
+        return [part, extra]
+    return [part]
 
 
 def _optuna(store: str, name: str, trials: pd.DataFrame, out: Output, slug: str) -> Part:

@@ -22,6 +22,7 @@ from report_store import (
     FAILED,
     PLUGIN_TABLE,
     PLUGIN_TITLE,
+    RUN_ID,
     SCENARIO,
     build_synthetic_store,
     write_partitions,
@@ -231,6 +232,12 @@ def test_failed_and_cost_tables(report: Report) -> None:
     assert cost["cells"].sum() == 90
     assert {"train_victim_s", "embed_s", "attack_s", "verify_s"} <= set(cost.columns)
     assert (cost["gpu_seconds"] == 0).all()  # every cell ran on the CPU
+    runs = report.table("runs")  # each run's manifest: what it computed, what it found cached
+    assert list(runs["run"]) == ["run-synth-0000", RUN_ID]  # oldest first
+    newest = runs.iloc[-1]
+    assert (newest["cells"], newest["computed train_victim"], newest["computed attack"]) == (
+        90, 6, 80
+    )
 
 
 def test_markdown(report: Report, tmp_path: Path) -> None:
