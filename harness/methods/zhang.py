@@ -43,6 +43,25 @@ from harness.training import fit
 CLASSES = {"digits": 10, "cifar10": 10, "cifar100": 100}  # label spaces known before loading
 
 
+def check_classes(params: BaseModel, dataset) -> None:
+    """`target_class` (and `source_class`, where a scheme has one) inside the data set's label
+    space (where it is known before loading) and different from each other."""
+    classes = CLASSES.get(dataset.name, dataset.num_classes if dataset.name == "synthetic"
+                          else None)  # fmt: skip
+    for name in ("target_class", "source_class"):
+        value = getattr(params, name, None)
+        if value is not None and classes is not None and value >= classes:
+            raise ConfigError(
+                f"{name} is not a class of this data set",
+                field=name, value=value, allowed=f"0 … {classes - 1}",
+            )  # fmt: skip
+    if getattr(params, "source_class", None) == params.target_class:
+        raise ConfigError(
+            "source_class and target_class must differ (the keys must change class)",
+            field="source_class", value=params.source_class,
+        )  # fmt: skip
+
+
 class ZhangParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
     n_keys: int = Field(100, ge=1, le=10_000, description="key images (WRT: 100)")
@@ -84,21 +103,7 @@ class _Zhang(TriggerSet):
         return {**tiny, "source_class": 0} if "source_class" in cls.Params.model_fields else tiny
 
     def check_data(self, dataset) -> None:
-        p = self.params
-        classes = CLASSES.get(dataset.name, dataset.num_classes if dataset.name == "synthetic"
-                              else None)  # fmt: skip
-        for name in ("target_class", "source_class"):
-            value = getattr(p, name, None)
-            if value is not None and classes is not None and value >= classes:
-                raise ConfigError(
-                    f"{name} is not a class of this data set",
-                    field=name, value=value, allowed=f"0 … {classes - 1}",
-                )  # fmt: skip
-        if getattr(p, "source_class", None) == p.target_class:
-            raise ConfigError(
-                "source_class and target_class must differ (the keys must change class)",
-                field="source_class", value=p.source_class,
-            )  # fmt: skip
+        check_classes(self.params, dataset)
 
     def make_keys(self, ctx) -> torch.Tensor:
         raise NotImplementedError
