@@ -240,6 +240,7 @@ def _scenario_report(
     parts.append(_heatmaps(marked, out, slug))
     parts.append(_curves(marked, est, out, slug))
     parts.append(_pareto(marked, out, slug))
+    parts.append(_ranking(marked, out, slug))
     parts.extend(_plugin_sections(plugins, sections, len(rows), out, slug))
     parts.extend(_cost(rows, runs, out, slug))
     if len(trials):
@@ -546,6 +547,38 @@ def _pareto(marked: pd.DataFrame, out: Output, slug: str) -> Part:
         )  # fmt: skip
         part.figures.append((png, f"{method}: WRT's Pareto view per arch"))
     part.csv = out.csv(pd.concat(all_points), f"{slug}.pareto")
+    return part
+
+
+def _ranking(marked: pd.DataFrame, out: Output, slug: str) -> Part:
+    """WRT's verdict per scheme: of the attack settings it met (identity aside), the share
+    that remove it (WRT's rule in at least half of their cells, archs and seeds pooled)."""
+    part = Part("Schemes ordered by the attacks that remove them")
+    part.text.append(
+        "WRT's question: does any attack remove the scheme within the budget? Per method "
+        "setting, the attack settings (identity aside) whose cells are removed by WRT's rule "
+        "in at least half of the cases, most robust scheme first; 'detected unattacked' is "
+        "the share of identity cells where the mark is found at all."
+    )
+    rows = []
+    for method, g in marked.groupby("method_label", sort=True):
+        attacked = g[g["attack"] != "identity"]
+        per_attack = attacked.groupby("attack_label")["removed"].mean()
+        removing = sorted(per_attack[per_attack >= 0.5].index)
+        identity = g[g["attack"] == "identity"]["wm_detected"].astype(float)
+        rows.append({
+            "method": method,
+            "detected unattacked": float(identity.mean()) if len(identity) else math.nan,
+            "attack settings": len(per_attack),
+            "removing it": len(removing),
+            "share removing": len(removing) / len(per_attack) if len(per_attack) else math.nan,
+            "which": ", ".join(removing[:6]) + (" …" if len(removing) > 6 else ""),
+        })  # fmt: skip
+    if not rows:
+        part.text.append("No marked cells.")
+        return part
+    table = pd.DataFrame(rows).sort_values(["share removing", "method"], kind="stable")
+    part.table, part.csv = table, out.csv(table, f"{slug}.ranking")
     return part
 
 

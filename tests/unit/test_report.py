@@ -442,3 +442,17 @@ def test_report_of_100k_rows(tmp_path: Path, capsys) -> None:
     assert len(pd.read_csv(out / "tables" / "big.pareto.csv")) == 10 * 4 * 20
     page = (out / "index.html").read_text()
     assert "100000 rows" in page
+
+
+def test_schemes_ordered_by_the_attacks_that_remove_them(report: Report) -> None:
+    ranking = report.table("ranking")
+    rows = _ok(report.rows)
+    marked = rows[rows["wm_metric"].notna()]
+    settings = marked[marked["attack"] != "identity"]["attack_params"].map(str)
+    attacks = marked[marked["attack"] != "identity"].assign(p=settings)
+    expected = attacks.groupby(["attack", "p"]).ngroups
+    assert len(ranking) == marked["method_params"].nunique()  # one row per method setting
+    assert (ranking["attack settings"] == expected).all()
+    assert ranking["share removing"].is_monotonic_increasing  # most robust first
+    assert (ranking["removing it"] <= ranking["attack settings"]).all()
+    assert "Schemes ordered by the attacks that remove them" in report.page
