@@ -195,3 +195,17 @@ def test_counts_below_one_exit_2_before_anything_starts(argv, capsys) -> None:
         main(argv)
     assert err.value.code == 2
     assert "must be at least 1" in capsys.readouterr().err
+
+
+def test_output_piped_into_a_reader_that_leaves_early_is_no_error(tmp_path):
+    """`harness validate … | head -1`: the reader closes the pipe; no BrokenPipeError
+    traceback, exit 0."""
+    import subprocess
+    import sys
+
+    smoke = Path(__file__).resolve().parents[2] / "scenarios" / "smoke.yaml"
+    proc = subprocess.run(
+        f"{sys.executable} -m harness.cli validate {smoke} | head -c 10",
+        shell=True, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
