@@ -31,12 +31,12 @@ from __future__ import annotations
 import copy
 
 import torch
-import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 
 from harness.decision import binomial_p, null_figures, null_model_metrics, null_threshold
 from harness.errors import CellFailed
 from harness.methods.base import Embedded, Method, VictimRef, WatermarkScore, register
+from harness.methods.frontier_stitching import fgsm
 from harness.training import as_float, fit, predict_logits
 
 
@@ -64,19 +64,6 @@ def class_clusters(model, x: torch.Tensor, y: torch.Tensor, num_classes: int, de
     ])  # fmt: skip
     labels = KMeans(2, n_init=10, random_state=seed % 2**31).fit_predict(means.numpy())
     return torch.as_tensor(labels, dtype=torch.long)
-
-
-def targeted_fgsm(model, x: torch.Tensor, target: torch.Tensor, eps: float, device,
-                  batch: int = 256) -> torch.Tensor:  # fmt: skip
-    """One signed step of `eps` toward `target` (float in [0, 1])."""
-    model.eval()
-    out = []
-    for i in range(0, len(x), batch):
-        xb = as_float(x[i : i + batch], device).requires_grad_(True)
-        loss = F.cross_entropy(model(xb), target[i : i + batch].to(device))
-        (grad,) = torch.autograd.grad(loss, xb)
-        out.append((xb - eps * grad.sign()).clamp(0, 1).detach().cpu())
-    return torch.cat(out)
 
 
 def bit_accuracy(model, key: dict, device) -> float:
@@ -112,7 +99,7 @@ class BlackMarks(Method):
             mine = mine[torch.randperm(len(mine), generator=g)[: p.candidates]]
             others = torch.nonzero(f != bit).flatten()
             target = others[torch.randint(len(others), (len(mine),), generator=g)]
-            xs.append(targeted_fgsm(victim, owner.x[mine], target, p.eps, ctx.device))
+            xs.append(fgsm(victim, owner.x[mine], p.eps, ctx.device, target=target))
             ys.append(owner.y[mine])
         cand_x, cand_y = torch.cat(xs), torch.cat(ys)
 

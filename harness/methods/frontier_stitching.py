@@ -46,16 +46,19 @@ class FrontierParams(BaseModel):
     p_value: float = Field(0.05, gt=0, lt=0.5)
 
 
-def fgsm(model, x: torch.Tensor, eps: float, device, batch: int = 256) -> torch.Tensor:
-    """One untargeted FGSM step against the model's own predictions, float in [0, 1]."""
+def fgsm(model, x: torch.Tensor, eps: float, device, target: torch.Tensor | None = None,
+         batch: int = 256) -> torch.Tensor:  # fmt: skip
+    """One FGSM step of `eps` (L-inf), float in [0, 1]: away from the model's own prediction
+    (untargeted), or toward `target` labels (targeted: BlackMarks' candidates)."""
     model.eval()
     out = []
     for i in range(0, len(x), batch):
         xb = as_float(x[i : i + batch], device).requires_grad_(True)
         logits = model(xb)
-        loss = F.cross_entropy(logits, logits.argmax(1))
-        (grad,) = torch.autograd.grad(loss, xb)
-        out.append((xb + eps * grad.sign()).clamp(0, 1).detach().cpu())
+        goal = logits.argmax(1) if target is None else target[i : i + batch].to(device)
+        (grad,) = torch.autograd.grad(F.cross_entropy(logits, goal), xb)
+        step = eps * grad.sign() if target is None else -eps * grad.sign()
+        out.append((xb + step).clamp(0, 1).detach().cpu())
     return torch.cat(out)
 
 

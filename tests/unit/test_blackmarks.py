@@ -10,7 +10,8 @@ import torch.nn as nn
 import yaml
 
 from harness.cli import main
-from harness.methods.blackmarks import bit_accuracy, class_clusters, targeted_fgsm
+from harness.methods.blackmarks import bit_accuracy, class_clusters
+from harness.methods.frontier_stitching import fgsm
 
 
 class Fixed(nn.Module):
@@ -34,7 +35,7 @@ def test_targeted_fgsm_steps_toward_the_target():
     model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 4))
     x = torch.rand(16, 3, 8, 8) * 0.8 + 0.1
     target = torch.full((16,), 2)
-    adv = targeted_fgsm(model, x, target, 0.05, "cpu")
+    adv = fgsm(model, x, 0.05, "cpu", target=target)
     assert torch.allclose((adv - x).abs(), torch.full_like(x, 0.05), atol=1e-6)
     with torch.no_grad():
         before = nn.functional.cross_entropy(model(x), target)
