@@ -83,8 +83,8 @@ def cmd_run(args) -> int:
             console.print(f"  [red]failed[/red] {cell_id[:12]}: {escape(error)}")
         if len(summary.failures) > 10:
             console.print(f"  … and {len(summary.failures) - 10} more (harness show --failed)")
-    _show(args.store, scenario.name)
-    store_sections(args.store)  # for `harness report`, which reads the store alone
+    rows = _show(args.store, scenario.name)
+    store_sections(args.store, rows)  # for `harness report`, which reads the store alone
     if todo and summary.missing:
         console.print(
             f"[red]{len(summary.missing)} cells reported ok are missing from the store[/red] "
@@ -201,12 +201,13 @@ def _show(
     scenario: str | None = None,
     by: tuple[str, ...] = ("method", "attack"),
     fmt: str = "table",
-) -> None:
+):
+    """Print the store's tables; returns the whole store's rows (read once)."""
     from results import load
     from results.analysis import summary
     from results.report import markdown, render
 
-    df = load(store)
+    rows = df = load(store)
     if scenario:
         df = df[df["scenario"] == scenario]
     title = f"{store}" + (f" · {scenario}" if scenario else "")
@@ -220,13 +221,14 @@ def _show(
             print(table.to_csv(index=False))
         else:
             render(table, title=name, console=Console())
+    return rows
 
 
 def _show_failed(store: str, scenario: str | None) -> int:
     """Every failed cell of the store with its error and traceback (newest row per cell)."""
     from results import load
 
-    df = load(store)
+    rows = df = load(store)
     if scenario:
         df = df[df["scenario"] == scenario]
     failed = df[df["status"] == "failed"] if not df.empty else df
