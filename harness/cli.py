@@ -228,7 +228,7 @@ def _show_failed(store: str, scenario: str | None) -> int:
     """Every failed cell of the store with its error and traceback (newest row per cell)."""
     from results import load
 
-    rows = df = load(store)
+    df = load(store)
     if scenario:
         df = df[df["scenario"] == scenario]
     failed = df[df["status"] == "failed"] if not df.empty else df
