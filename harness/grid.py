@@ -7,6 +7,7 @@ is allowed (exit code 2).
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 from pydantic import ValidationError
@@ -40,7 +41,26 @@ def load_scenario(path: str | Path, max_cells: int = MAX_CELLS) -> Scenario:
     path = Path(path)
     scenario = parse_scenario(load_yaml_with_includes(path), str(path))
     check_scenario(scenario, str(path), max_cells)
+    for warning in scenario_warnings(scenario, str(path)):
+        print(f"warning: {warning}", file=sys.stderr)
     return scenario
+
+
+def scenario_warnings(scenario: Scenario, file: str | None = None) -> list[str]:
+    """What each plug-in's `scenario_warnings` says of this scenario (it runs, but measures
+    little: e.g. DAWN with no attack that queries the deployment), with the field it is about."""
+    out: list[str] = []
+    where = f"{file}: " if file else ""
+    for field, comps, registry in (
+        ("methods", scenario.methods, METHODS),
+        ("attacks", scenario.attacks, ATTACKS),
+    ):
+        for i, comp in enumerate(comps):
+            for params in resolve_component(comp, registry, f"{field}[{i}]", file):
+                for text in registry.get(comp.name)(params).scenario_warnings(scenario):
+                    line = f"{where}{field}[{i}] ({comp.name}): {text}"
+                    out += [line] if line not in out else []
+    return out
 
 
 def _grid_points(scenario: Scenario, file: str | None) -> list[tuple]:

@@ -167,6 +167,11 @@ class Plugin:
         """As `check_data`, for each arch of the scenario (e.g. passport layers need BatchNorm);
         may build (never train) the network."""
 
+    def scenario_warnings(self, scenario) -> list[str]:
+        """What in `scenario` (a Scenario) makes these params run but measure little (e.g. no
+        attack that exercises them): printed as warnings at validation, never errors."""
+        return []
+
     def check_tune(self, scenario, objective: str) -> str | None:
         """Why `objective` cannot be measured on this scenario (None: it can). Called at
         validation for a `tune:` section naming this plug-in."""

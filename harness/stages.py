@@ -32,6 +32,7 @@ from harness.context import Context
 from harness.data import load_splits
 from harness.errors import TransientError
 from harness.plugin import need_name
+from harness.serving import API, deployed
 from harness.training import (
     TASK_METRIC,
     image_scores,
@@ -168,7 +169,7 @@ def embed(
     seed_everything(cell.seed)
     out = method.embed(model, ctx)
     spec = out.spec or ModelSpec(**victim["spec"])  # a method may add structure
-    score = method.verify(out.model, out.secret, ctx)
+    score = method.verify(deployed(out.model, method, out.secret), out.secret, ctx)
     meta = {
         "spec": spec.to_dict(),
         "task_score": task_score(out.model, ctx.data.test, device),
@@ -210,16 +211,27 @@ def marked_artifact(artifacts: ArtifactStore, marked: dict, device: str) -> Arti
 def attack(
     cell: Cell, key: str, artifacts: ArtifactStore, device: str, marked: dict, *deps: dict
 ) -> dict:
-    plugin = attack_of(cell)
+    plugin, method = attack_of(cell), method_of(cell)
     names = [s.name for s in plugin.aux_steps()]
     handle = marked_artifact(artifacts, marked, device)
     model, spec = handle.model(), handle.spec
     inputs = _inputs(artifacts, names, deps, device)
-    ctx = context(cell, device, spec, inputs=inputs, marked=handle)
+    # the deployment the attacker may query (`ctx.query`); the owner's side keeps its log
+    api = API(deployed(model, method, handle.secret() if method.serves else {}), device)
+    ctx = context(cell, device, spec, inputs=inputs, marked=handle, api=api)
     seed_everything(cell.seed)
     out = plugin.apply(model, ctx)
-    meta = {"spec": (out.spec or spec).to_dict(), "evidence": out.evidence is not None}
-    return _save_model(artifacts, "attack", key, meta, out.model, model, marked, out.evidence)
+    log = api.log()
+    meta = {
+        "spec": (out.spec or spec).to_dict(),
+        "evidence": out.evidence is not None,
+        "api": api.figures() if api.queries else None,
+        "api_log": log is not None,
+        "secret_layout": 2,  # {"evidence", "api_log"} (1: the evidence dict itself)
+    }
+    held = out.evidence is not None or log is not None
+    secret = {"evidence": out.evidence, "api_log": log} if held else None
+    return _save_model(artifacts, "attack", key, meta, out.model, model, marked, secret)
 
 
 def verify(
@@ -280,14 +292,30 @@ def base_row(c: Cell, device: str, run: dict) -> dict[str, Any]:
 def verify_context(c: Cell, store: str, device: str, marked: dict, attacked: dict | None = None):
     """The model under test, the method's secret and the context its `verify` runs in."""
     artifacts = ArtifactStore(store)
+    method = method_of(c)
     handle = marked_artifact(artifacts, marked, device)
     suspect = Artifact(artifacts, attacked or marked, device)
-    evidence = suspect.secret() if attacked and attacked.get("evidence") else None
+    evidence, api_log = _attack_secrets(suspect) if attacked else (None, None)
     ctx = context(
-        c, device, suspect.spec, inputs=handle.inputs, marked=handle, evidence=evidence
-    )
-    secret = handle.secret() if method_of(c).wm_metric else {}
-    return suspect.model(), secret, ctx
+        c, device, suspect.spec, inputs=handle.inputs, marked=handle, evidence=evidence,
+        api_log=api_log,
+    )  # fmt: skip
+    secret = handle.secret() if method.wm_metric else {}
+    model = suspect.model()
+    if method.serves and suspect.meta.get("model_ref") == marked.get("model_ref"):
+        model = deployed(model, method, secret)  # the deployment itself, as it answers
+    return model, secret, ctx
+
+
+def _attack_secrets(attacked: Artifact) -> tuple[dict | None, dict | None]:
+    """(evidence, API log) an attack artifact holds (an older one holds evidence alone)."""
+    meta = attacked.meta
+    if not (meta.get("evidence") or meta.get("api_log")):
+        return None, None
+    held = attacked.secret()
+    if meta.get("secret_layout", 1) == 1:
+        return held, None
+    return held["evidence"], held["api_log"]
 
 
 def _measure(c: Cell, store: str, device: str, victim: dict, marked: dict, attacked: dict) -> dict:
@@ -310,6 +338,10 @@ def _measure(c: Cell, store: str, device: str, victim: dict, marked: dict, attac
     metrics.update({f"{k}_marked": v for k, v in marked["wm"]["metrics"].items()})
     if "ssim" in image:
         metrics["task_ssim_attacked"] = image["ssim"]
+    if api := attacked.get("api"):  # an extraction attack's queries to the deployment
+        metrics["api_queries"] = api["queries"]
+        if method.serves:
+            metrics["api_wm_share"] = api["watermarked"] / max(api["queries"], 1)
     if method.wm_metric:
         drop = out["task_score_marked"] - out["task_score_attacked"]
         removed = (

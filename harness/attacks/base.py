@@ -22,6 +22,9 @@ class Attack(Plugin):
     kind = "attack"
     # Methods whose models it targets (ambiguity attacks need passport layers); None: any.
     methods: ClassVar[tuple[str, ...] | None] = None
+    # True for extraction attacks: they learn from the deployment's answers (`ctx.query`), so
+    # methods that mark answers (DAWN) are judged on what they stole
+    queries_api: ClassVar[bool] = False
     # `harness tune` on an attack: maximise removal (WRT's rule) under a task-drop constraint
     objective = "wm_removed"
 

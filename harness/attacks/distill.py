@@ -1,5 +1,6 @@
 """Surrogate distillation / model extraction: a fresh student of any architecture trained on
-the marked model's outputs over the attacker split (whose true labels it never uses)."""
+the marked model's answers over the attacker split (whose true labels it never uses), asked
+through the owner's served API (`ctx.query`: what a method like DAWN alters, it sees)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from harness.attacks.base import Attack, Attacked, register
-from harness.training import fit, kd_loss, predict_logits
+from harness.training import fit, kd_loss
 from model_zoo import check_arch
 
 
@@ -33,6 +34,7 @@ class DistillParams(BaseModel):
 @register("distill")
 class Distill(Attack):
     Params = DistillParams
+    queries_api = True
     version = "2"  # 1 ignored `epochs`
 
     @classmethod
@@ -42,7 +44,7 @@ class Distill(Attack):
     def apply(self, model, ctx):
         p = self.params
         data = ctx.data.attacker.take(p.query_budget, seed=ctx.seed)
-        teacher_logits = predict_logits(model, data.x, ctx.device)
+        teacher_logits = ctx.query(model, data.x)  # the deployment's answers, as served
         # a plain student: a method's wrapper (passport layers, a barrier) is not copied
         spec = ctx.spec.replace(
             arch=p.student_arch or ctx.spec.arch, wrapper=None, wrapper_params=None

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
+import torch
 import torch.nn as nn
 
 from harness.context import Context
@@ -49,6 +50,9 @@ class Method(Plugin):
     # False for non-intrusive methods (keys verify an unchanged model), where "an unmarked
     # model is not detected" does not apply: the unmarked model *is* the protected one.
     marks_weights: ClassVar[bool] = True
+    # True for methods that mark the deployment's answers (DAWN): every answer of the marked
+    # model, to an attacker's queries or to `verify` of the deployment itself, passes `serve`
+    serves: ClassVar[bool] = False
 
     @classmethod
     def default_objective(cls) -> str | None:
@@ -66,9 +70,18 @@ class Method(Plugin):
         it with the secret. Called once per (victim, params) and shared by every attack."""
         raise NotImplementedError
 
+    def serve(
+        self, x: torch.Tensor, logits: torch.Tensor, secret: dict[str, Any]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(``serves`` methods) The answers the owner's API gives to queries `x` (float in
+        [0, 1]) whose logits are `logits`, and the bool mask of the answers it altered."""
+        raise NotImplementedError
+
     def verify(self, model: nn.Module, secret: dict[str, Any], ctx: Context) -> WatermarkScore:
         """Score a suspect model: the marked one (right after ``embed``) or an attacked one.
-        Must not modify `model` for good (restore anything it sets)."""
+        Must not modify `model` for good (restore anything it sets). For ``serves`` methods,
+        the deployment itself (the marked model, or an attack that left it unchanged) arrives
+        behind ``serve``, and a copy trained on the API's answers comes with ``ctx.api_log``."""
         raise NotImplementedError
 
 
