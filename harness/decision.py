@@ -35,6 +35,16 @@ def null_threshold(
     return {"threshold": threshold, "null_mean": mean, "null_std": std, "null_scores": scores}
 
 
+def null_chance(null_scores: list[float], num_classes: int) -> float:
+    """Chance for keys whose labels an unrelated model may share more often than 1 / classes
+    (boundary points, runner-up labels, adversarial labels): the null models' mean score, but
+    at least 1 / classes - a few null models on a few dozen keys often match none, and a
+    binomial floor about zero would call two matches a detection - and at most 0.99. For the
+    binomial floor of `null_threshold` and the p-value of `binomial_p`."""
+    mean = sum(null_scores) / len(null_scores)
+    return min(max(mean, 1.0 / num_classes), 0.99)
+
+
 NULL_SCORE_PREFIX = "null_score_"  # + i: the i-th null model's score (the report's negatives)
 
 
