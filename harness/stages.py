@@ -169,10 +169,11 @@ def embed(
     seed_everything(cell.seed)
     out = method.embed(model, ctx)
     spec = out.spec or ModelSpec(**victim["spec"])  # a method may add structure
-    score = method.verify(deployed(out.model, method, out.secret), out.secret, ctx)
+    served = deployed(out.model, method, out.secret)  # as it answers (DAWN: with its filter)
+    score = method.verify(served, out.secret, ctx)
     meta = {
         "spec": spec.to_dict(),
-        "task_score": task_score(out.model, ctx.data.test, device),
+        "task_score": task_score(served, ctx.data.test, device),
         "wm": {"score": score.score, "detected": bool(score.detected),
                "threshold": score.threshold, "metrics": dict(score.metrics)},
         "inputs": {n: [d["stage"], d["key"]] for n, d in zip(names, deps, strict=True)},
