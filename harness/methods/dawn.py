@@ -20,9 +20,11 @@ Verification, by what the suspect is:
   "marked" figure is a self-test of the filter); weights taken and changed without the API carry
   no mark, and the rows say so.
 The score is the suspect's accuracy on those labels, against WRT's Gaussian over null models
-(independently trained victims) on the same keys; the binomial p-value is taken against the
-null models' mean (at least 1 / classes): the watermark labels are runner-up classes, which an
-independent model picks more often than chance.
+(independently trained victims) on the same keys. Chance, for the binomial floor of that
+Gaussian and for the p-value, is the null models' mean repeat rate but at least 1 / classes:
+the labels are runner-up classes, which an independent model may pick more often than 1 /
+classes, while three null models on a few dozen keys often repeat none (a floor at zero would
+call two repeated labels a detection).
 
 Decisions: the hash is over the query's 8-bit pixels (DAWN's paper) rather than WRT's binarised
 penultimate activations (a perturbed repeat of a query is a new query here); `rate` defaults
@@ -43,7 +45,13 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 
 from harness.attacks import ATTACKS
-from harness.decision import binomial_p, null_figures, null_model_metrics, null_threshold
+from harness.decision import (
+    binomial_p,
+    null_chance,
+    null_figures,
+    null_model_metrics,
+    null_threshold,
+)
 from harness.errors import CellFailed
 from harness.methods.base import Embedded, Method, Metric, VictimRef, WatermarkScore, register
 from harness.training import as_float, predict_logits
@@ -160,8 +168,8 @@ class Dawn(Method):
     def _calibrate(self, x, y, ctx) -> dict:
         nulls = [ctx.inputs[f"null{i}"].model() for i in range(self.params.n_null)]
         accs = [agreement(m, x, y, ctx.device).mean().item() for m in nulls]
-        spread = min(max(sum(accs) / len(accs), 0.01), 0.99)
-        return null_threshold(accs, spread, len(y), self.params.p_value)
+        chance = null_chance(accs, ctx.data.num_classes)
+        return null_threshold(accs, chance, len(y), self.params.p_value)
 
     def verify(self, model, secret, ctx) -> WatermarkScore:
         log = ctx.api_log
@@ -171,14 +179,14 @@ class Dawn(Method):
         else:
             x, y, decision = secret["x"], secret["y"], secret
         acc = agreement(model, x, y, ctx.device).mean().item()
-        chance = max(decision["null_mean"], 1.0 / ctx.data.num_classes)
+        chance = null_chance(decision["null_scores"], ctx.data.num_classes)
         return WatermarkScore(
             score=acc,
             detected=acc >= decision["threshold"],
             threshold=decision["threshold"],
             metrics={
                 **null_figures(decision),
-                "p_value": binomial_p(acc, len(y), min(chance, 1 - 1e-6)),
+                "p_value": binomial_p(acc, len(y), chance),
                 "n_keys": float(len(y)),
                 "keys_from_api": float(log is not None),
             },
