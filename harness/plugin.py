@@ -122,12 +122,15 @@ class Embedded:
 @dataclass
 class Attacked:
     """What ``Attack.apply`` returns: the attacked model (a new one for extraction), its spec
-    if the structure or arch changed, and evidence the attacker claims with (forged passports,
-    keys: artifacts only, handed to the method's ``verify`` as ``ctx.evidence``)."""
+    if the structure or arch changed, evidence the attacker claims with (forged passports,
+    keys: artifacts only, handed to the method's ``verify`` as ``ctx.evidence``) and public
+    figures of the attack itself (declared in the attack's ``metrics``; written into the row,
+    e.g. how far a function-preserving change moved the logits)."""
 
     model: nn.Module
     spec: ModelSpec | None = None
     evidence: dict[str, Any] | None = None
+    metrics: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass

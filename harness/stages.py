@@ -226,6 +226,7 @@ def attack(
     meta = {
         "spec": (out.spec or spec).to_dict(),
         "evidence": out.evidence is not None,
+        "metrics": {k: float(v) for k, v in out.metrics.items()},  # the attack's own figures
         "api": api.figures() if api.queries else None,
         "api_log": log is not None,
         "secret_layout": 2,  # {"evidence", "api_log"} (1: the evidence dict itself)
@@ -335,7 +336,8 @@ def _measure(c: Cell, store: str, device: str, victim: dict, marked: dict, attac
         "wm_threshold": score.threshold,
         "wm_detected": bool(score.detected),
     }
-    metrics = dict(score.metrics)  # of the attacked model; `_marked`: of the model before it
+    metrics = dict(attacked.get("metrics") or {})  # the attack's own figures
+    metrics.update(score.metrics)  # of the attacked model; `_marked`: of the model before it
     metrics.update({f"{k}_marked": v for k, v in marked["wm"]["metrics"].items()})
     if "ssim" in image:
         metrics["task_ssim_attacked"] = image["ssim"]
