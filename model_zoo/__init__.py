@@ -12,6 +12,7 @@ from harness.errors import UnknownNameError
 from harness.registry import Registry, close_match
 from model_zoo.image2image import barrier_wrapper, check_image2image, create_image2image
 from model_zoo.passport import passport_wrapper
+from model_zoo.widen import widened_wrapper
 
 OWN_MODELS: Registry = Registry("model_zoo network")
 # name -> fn(model, spec, **wrapper_params) -> model: structure a method adds to a network
@@ -154,3 +155,4 @@ class MLPHead(nn.Module):
 
 WRAPPERS.register("barrier")(barrier_wrapper)
 WRAPPERS.register("passport")(passport_wrapper)
+WRAPPERS.register("widened")(widened_wrapper)  # channels added (the dummy_neurons attack)
