@@ -208,9 +208,28 @@ class Cell:
         cell = self._moved(self.seed if seed is None else seed, arch or self.arch)
         return Job("train_victim", cell.victim_key(), cell)
 
+    def _method_key_texts(self) -> tuple[str, str | None]:
+        """(the method params the embed key holds, the verify-only params set away from their
+        defaults - which only the cell id holds - or None). Most methods have no verify-only
+        params: then the first is the params' text and the second None."""
+        memo = self.__dict__.get("memo_key_texts")
+        if memo is None:
+            cls = METHODS.get(self.method)
+            only = cls.verify_params
+            if not only:
+                memo = (self._texts()[2], None)
+            else:
+                defaults = cls.Params().model_dump(mode="json")
+                params = self.method_params
+                extra = {k: params[k] for k in only if k in params and params[k] != defaults[k]}
+                keyed = {k: v for k, v in params.items() if k not in only}
+                memo = (canonical(keyed), canonical(extra) if extra else None)
+            self.__dict__["memo_key_texts"] = memo
+        return memo
+
     def embed_key(self) -> str:
         version = method_of(self).version
-        victim, params = self.victim_key(), self._texts()[2]
+        victim, params = self.victim_key(), self._method_key_texts()[0]
         memo = (victim, self.method, type(version), version, params)
         key = _EMBED_KEYS.get(memo)
         if key is None:
@@ -246,7 +265,8 @@ class Cell:
         memo = self.__dict__.get("memo_cell_id")
         if memo is not None and memo[0] == attack_key:
             return memo[1]
-        cell_id = cell_id_of(self.scenario, attack_key, self.attack_role, self.trial)
+        verify = self._method_key_texts()[1]
+        cell_id = cell_id_of(self.scenario, attack_key, self.attack_role, self.trial, verify)
         self.__dict__["memo_cell_id"] = (attack_key, cell_id)
         return cell_id
 
@@ -294,8 +314,13 @@ class Cell:
 _FIELDS = tuple(f.name for f in dataclasses.fields(Cell))
 
 
-def cell_id_of(scenario: str, attack_key: str, role: str | None = None, trial=None) -> str:
-    return _digest_of('"cell"', _text(scenario), _text(attack_key), _text(role), _text(trial))
+def cell_id_of(
+    scenario: str, attack_key: str, role: str | None = None, trial=None, verify: str | None = None
+) -> str:
+    """A cell's id; `verify`: the canonical text of its method's verify-only params set away
+    from their defaults (two cells that share every stage but verify differently)."""
+    parts = [_text(scenario), _text(attack_key), _text(role), _text(trial)]
+    return _digest_of('"cell"', *parts, *([_text(verify)] if verify is not None else []))
 
 
 def job_keys(job: Job) -> set[str]:

@@ -53,6 +53,10 @@ class Method(Plugin):
     # True for methods that mark the deployment's answers (DAWN): every answer of the marked
     # model, to an attacker's queries or to `verify` of the deployment itself, passes `serve`
     serves: ClassVar[bool] = False
+    # Parameters only `verify` reads (a defence applied at verification, e.g. aligning the
+    # suspect's neurons): they stay out of the embed and attack keys, so both settings share
+    # one marked and one attacked model, and enter the cell id when set off their defaults.
+    verify_params: ClassVar[tuple[str, ...]] = ()
 
     @classmethod
     def default_objective(cls) -> str | None:
