@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -240,3 +241,18 @@ def test_declared_aux_steps_keep_their_sharing(scenario, expected):
     cells = expand_cells(parse_scenario(data))
     counts = Counter(job.stage for job in distinct_jobs(cells).values())
     assert {k: counts[k] for k in expected} == expected
+
+
+@pytest.mark.parametrize(
+    "path",
+    sorted((Path(__file__).resolve().parents[2] / "scenarios").glob("*.yaml")),
+    ids=lambda p: p.stem,
+)
+def test_every_shipped_scenario_parses_and_expands(path):
+    """Schema, plug-in names and parameters, `reported:` entries and the grid of every shipped
+    scenario (the data sets' roots are not needed: CIFAR scenarios are for users who have it)."""
+    from harness.config import load_yaml_with_includes
+
+    scenario = parse_scenario(load_yaml_with_includes(path), str(path))
+    cells = expand_cells(scenario, str(path))
+    assert cells and len({c.cell_id for c in cells}) == len(cells)
