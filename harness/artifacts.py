@@ -36,11 +36,16 @@ def _from_bytes(data: bytes) -> Any:
     return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
 
 
+def _cpu_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu() for k, v in model.state_dict().items()}
+
+
 def sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
 META, MODEL, SECRET = "meta.json", "model.pt", "key.pt"
+COPY = "copy_{}.pt"  # a licensed copy beside the model (`Embedded.copies`)
 OWNER_SECRET = "secrets/owner.key"  # under the store root; never in a row or a manifest
 _OWNER_SECRETS: dict[str, bytes] = {}  # per store, per process
 
@@ -99,13 +104,18 @@ class ArtifactStore:
         model: nn.Module | None = None,
         model_ref: tuple[str, str] | None = None,
         secret: dict[str, Any] | None = None,
+        copies: dict[str, nn.Module] | None = None,
     ) -> dict[str, Any]:
-        """Write the model (or a reference), the secret key material, then the meta, which
-        holds the content hash of each file it points to."""
+        """Write the model (or a reference), the licensed copies, the secret key material,
+        then the meta, which holds the content hash of each file it points to."""
         meta = {**meta, "stage": stage, "key": key}
+        if copies:
+            meta["copies_sha256"] = {
+                name: self._write(stage, key, COPY.format(name), _to_bytes(_cpu_state(m)))
+                for name, m in copies.items()
+            }
         if model is not None:
-            state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-            meta["model_sha256"] = self._write(stage, key, MODEL, _to_bytes(state))
+            meta["model_sha256"] = self._write(stage, key, MODEL, _to_bytes(_cpu_state(model)))
             meta["model_ref"] = [stage, key]
         elif model_ref is not None:
             meta["model_ref"] = list(model_ref)
@@ -157,6 +167,16 @@ class ArtifactStore:
         model.load_state_dict(self.load_state(meta))
         return model.to(device).eval(), spec
 
+    def load_copy(self, meta: dict[str, Any], name: str, device: str = "cpu") -> nn.Module:
+        """A licensed copy the artifact holds, rebuilt from the artifact's spec."""
+        shas = meta.get("copies_sha256") or {}
+        if name not in shas:
+            raise KeyError(f"{meta['stage']} {meta['key']} holds no copy {name!r} ({sorted(shas)})")
+        path = self.path(meta["stage"], meta["key"], COPY.format(name))
+        model = create_model(ModelSpec(**meta["spec"]))
+        model.load_state_dict(_from_bytes(self._read(path, shas[name])))
+        return model.to(device).eval()
+
     def load_secret(self, meta: dict[str, Any]) -> dict[str, Any]:
         path = self.path(meta["stage"], meta["key"], SECRET)
         return _from_bytes(self._read(path, meta.get("secret_sha256")))
@@ -170,6 +190,8 @@ class ArtifactStore:
                 self._read(self.path(*meta["model_ref"], MODEL), meta.get("model_sha256"))
             if meta.get("secret_sha256"):
                 self._read(self.path(stage, key, SECRET), meta["secret_sha256"])
+            for name, sha in (meta.get("copies_sha256") or {}).items():
+                self._read(self.path(stage, key, COPY.format(name)), sha)
         except CorruptFile as e:
             return None, str(e)
         return meta, None
@@ -210,6 +232,8 @@ def check_store_artifacts(uri: str) -> tuple[int, list[tuple[str, str]]]:
             files.append((store.path(*meta["model_ref"], MODEL), meta.get("model_sha256")))
         if meta.get("secret_sha256"):
             files.append((f"{folder}/{SECRET}", meta["secret_sha256"]))
+        for name, sha in (meta.get("copies_sha256") or {}).items():
+            files.append((f"{folder}/{COPY.format(name)}", sha))
         for file, expected in files:
             got = digest(file)
             if got is None:
@@ -256,6 +280,13 @@ class Artifact:
     def state(self) -> dict[str, Any]:
         """The stored weights (for networks a plug-in rebuilds itself from `meta`)."""
         return self.store.load_state(self.meta)
+
+    def copy(self, name: str, device: str | None = None) -> nn.Module:
+        """A licensed copy the method handed out beside this model (`Embedded.copies`)."""
+        return self.store.load_copy(self.meta, name, device or self.device)
+
+    def copy_names(self) -> list[str]:
+        return sorted(self.meta.get("copies_sha256") or {})
 
     def secret(self) -> dict[str, Any]:
         if self._secret is None:

@@ -117,6 +117,10 @@ class Embedded:
     model: nn.Module
     secret: dict[str, Any] = field(default_factory=dict)
     spec: ModelSpec | None = None
+    # the other licensed copies the owner hands out (one per user: DeepMarks' fingerprinted
+    # copies), same spec as `model`: not secret - a collusion attack reads them
+    # (`ctx.marked.copy(name)`); `model` is the copy the cell's attacks start from
+    copies: dict[str, nn.Module] = field(default_factory=dict)
 
 
 @dataclass

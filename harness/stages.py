@@ -184,15 +184,19 @@ def embed(
             if d.get("stage", "").startswith("aux/") and "seconds" in d
         },
     }  # fmt: skip
-    return _save_model(artifacts, "embed", key, meta, out.model, model, victim, out.secret)
+    return _save_model(
+        artifacts, "embed", key, meta, out.model, model, victim, out.secret, out.copies
+    )
 
 
-def _save_model(artifacts, stage_name, key, meta, new, given, upstream: dict, secret) -> dict:
+def _save_model(
+    artifacts, stage_name, key, meta, new, given, upstream: dict, secret, copies=None
+) -> dict:
     """Save `new`, or only a reference to the upstream weights when it is unchanged."""
     if new is given and not _changed(upstream, new, artifacts):
         ref = tuple(upstream["model_ref"])
-        return artifacts.save(stage_name, key, meta, model_ref=ref, secret=secret)
-    return artifacts.save(stage_name, key, meta, model=new, secret=secret)
+        return artifacts.save(stage_name, key, meta, model_ref=ref, secret=secret, copies=copies)
+    return artifacts.save(stage_name, key, meta, model=new, secret=secret, copies=copies)
 
 
 def _changed(meta: dict, model, artifacts: ArtifactStore) -> bool:
