@@ -16,6 +16,11 @@ kernel average has at least T values (WRT's parameter 8 of a WRN-28 is such a mi
 cosine schedule. A suspect without that layer (a distilled student of another arch) reads as
 chance (0.5) with `layer_found` 0. X and b derive from the owner's seed and live only in the
 embed artifact.
+
+`align: true` (a verify-only parameter: the same marked and attacked models serve both
+settings) matches the suspect's hidden channels to the marked model's first
+(`harness.alignment`, the neuron-alignment defence), undoing permuted, rescaled or added
+neurons before the layer is read.
 """
 
 from __future__ import annotations
@@ -25,11 +30,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 
+from harness.alignment import align
 from harness.decision import binomial_p, null_figures, null_model_metrics, null_threshold
 from harness.errors import ConfigError
 from harness.methods.base import Embedded, Method, Metric, VictimRef, WatermarkScore, register
 from harness.training import fit
 from model_zoo import ModelSpec, create_model
+
+ALIGN_PROBE = 128  # owner images whose signals match the suspect's neurons to the owner's
 
 
 class UchidaParams(BaseModel):
@@ -42,6 +50,9 @@ class UchidaParams(BaseModel):
     lr: float | None = Field(None, gt=0, description="embedding lr (default: train.lr)")
     n_null: int = Field(3, ge=2, le=50, description="null models for the threshold")
     p_value: float = Field(0.05, gt=0, lt=0.5)
+    align: bool = Field(
+        False, description="match the suspect's neurons to the marked model's before reading"
+    )
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True, serialize_by_alias=True)
 
@@ -103,7 +114,12 @@ class Uchida(Method):
     metrics = (
         *null_model_metrics("bit accuracy"),
         Metric("layer_found", "1 if the suspect has the marked layer (else read as chance)"),
-    )
+        Metric("aligned_chains", "align: hidden chains matched to the marked model", None,
+               optional=True),
+        Metric("match_corr", "align: mean best signal correlation of the owner's channels",
+               None, optional=True),
+    )  # fmt: skip
+    verify_params = ("align",)  # one marked model serves align: false and true
 
     @classmethod
     def tiny_params(cls) -> dict:
@@ -143,6 +159,10 @@ class Uchida(Method):
         return Embedded(victim, key)
 
     def verify(self, model, key, ctx) -> WatermarkScore:
+        aligned = {}
+        if self.params.align and ctx.marked is not None:  # not the marked model itself
+            probe = ctx.data.owner.x[:ALIGN_PROBE]
+            model, aligned = align(model, ctx.marked.model(), probe, ctx.device)
         acc = bit_accuracy(model, key)
         found = acc is not None
         acc = acc if found else 0.5
@@ -154,5 +174,6 @@ class Uchida(Method):
                 **null_figures(key),
                 "p_value": binomial_p(acc, len(key["b"]), 0.5),
                 "layer_found": float(found),
+                **aligned,
             },
         )
