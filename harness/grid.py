@@ -13,7 +13,7 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from harness import data
-from harness.attacks import ATTACKS
+from harness.attacks import ATTACKS, Attack
 from harness.cells import Cell, canonical
 from harness.config import (
     ComponentCfg,
@@ -186,12 +186,35 @@ def check_scenario(
                 allowed=list(targets),
                 hint="add one of those methods to `methods`",
             )
+    check_pairs(scenario, file)
     check_grid_size(scenario, file, max_cells)
     pairs = _grid_points(scenario, file)
     for cell in _cells(scenario, pairs, scenario.archs[:1], scenario.seeds[:1]):
         cell.attack_job()  # every grid point's declared needs and aux steps resolve
     if scenario.tune is not None:
         check_tune(scenario, file)
+
+
+def check_pairs(scenario: Scenario, file: str | None) -> None:
+    """Each attack's `check_method` on every method grid point it meets (only attacks that
+    define one: most do not, and a large grid skips this loop)."""
+    for i, a in enumerate(scenario.attacks):
+        cls = ATTACKS.get(a.name)
+        if cls.check_method is Attack.check_method:
+            continue
+        methods = [
+            METHODS.get(m.name)(params)
+            for j, m in enumerate(scenario.methods)
+            if cls.methods is None or m.name in cls.methods
+            for params in resolve_component(m, METHODS, f"methods[{j}]", file)
+        ]
+        for params in resolve_component(a, ATTACKS, f"attacks[{i}]", file):
+            attack = cls(params)
+            for method in methods:
+                try:
+                    attack.check_method(method)
+                except ConfigError as e:
+                    raise e.with_location(file, f"attacks[{i}].params") from None
 
 
 def check_component(comp: ComponentCfg, registry, field: str, file: str | None, scenario) -> None:

@@ -32,6 +32,12 @@ class Attack(Plugin):
     def default_objective(cls) -> str | None:
         return cls.objective
 
+    def check_method(self, method) -> None:
+        """Raise a ConfigError (field: this attack's parameter) if these params cannot work
+        on the models `method` (a Method plug-in with its params) hands out - e.g. more
+        colluders than licensed copies. Called at validation for every method x attack grid
+        pair that runs (after `methods`)."""
+
     def apply(self, model: nn.Module, ctx: Context) -> Attacked:
         """Modify (or replace) the marked model using only the attacker's split."""
         raise NotImplementedError
