@@ -27,9 +27,11 @@ import torch.nn as nn
 from scipy.optimize import linear_sum_assignment
 
 from harness.equivalence import Chain, analyze, expand, scale_chain
+from harness.plugin import Metric
 from harness.training import as_float
 from model_zoo.widen import resize_module, widths_of
 
+PROBE = 128  # owner images whose signals match the suspect's neurons to the owner's
 MERGE_CORR = 0.99999  # vectors this correlated and this close in norm are one channel
 MERGE_NORM = 1e-3
 
@@ -222,3 +224,22 @@ def align(
         figures["aligned_chains"] += 1
     figures["match_corr"] = sum(corrs) / len(corrs) if corrs else float("nan")
     return suspect, figures
+
+
+# what a white-box method with `align` reports beside its own figures
+ALIGN_METRICS = (
+    Metric("aligned_chains", "align: hidden chains matched to the marked model", None,
+           optional=True),
+    Metric("unaligned_chains", "align: hidden chains left as they were", None, optional=True),
+    Metric("match_corr", "align: mean best signal correlation of the owner's channels", None,
+           optional=True),
+)  # fmt: skip
+
+
+def aligned_suspect(model: nn.Module, ctx, enabled: bool) -> tuple[nn.Module, dict[str, float]]:
+    """For a white-box method's `verify`: the suspect aligned to the marked model when `enabled`
+    (its `align` parameter) and the suspect is not the marked model itself (embed's own check
+    has no `ctx.marked`), with the figures of `ALIGN_METRICS`; else the suspect as it is."""
+    if not enabled or ctx.marked is None:
+        return model, {}
+    return align(model, ctx.marked.model(), ctx.data.owner.x[:PROBE], ctx.device)

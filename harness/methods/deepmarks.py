@@ -62,7 +62,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from scipy import stats
 from scipy.linalg import hadamard
 
-from harness.alignment import align
+from harness.alignment import ALIGN_METRICS, aligned_suspect
 from harness.attacks import ATTACKS
 from harness.config import resolve_component
 from harness.decision import null_figures, null_model_metrics, null_threshold
@@ -72,7 +72,6 @@ from harness.methods.uchida import UchidaParams, kernel_mean, pick_layer
 from harness.training import fit
 from model_zoo import ModelSpec, create_model
 
-ALIGN_PROBE = 128  # owner images whose signals match the suspect's neurons to the owner's
 MAX_Q = 31  # the largest prime order of the planes built
 COPY_PREFIX = "user"  # licensed copies: user1 .. user{n_users - 1}; user 0 is the marked model
 
@@ -265,12 +264,7 @@ class DeepMarks(Method):
         Metric("colluders_found", "collusion: true colluders among the accused", optional=True),
         Metric("innocents_accused", "collusion: accused users who did not collude", False,
                optional=True),
-        Metric("aligned_chains", "align: hidden chains matched to the marked model", None,
-               optional=True),
-        Metric("unaligned_chains", "align: hidden chains left as they were", None,
-               optional=True),
-        Metric("match_corr", "align: mean best signal correlation of the owner's channels",
-               None, optional=True),
+        *ALIGN_METRICS,
     )  # fmt: skip
     verify_params = ("align",)  # one marked model serves align: false and true
 
@@ -361,10 +355,7 @@ class DeepMarks(Method):
     # ------------------------------------------------------------------ verify
 
     def verify(self, model, key, ctx) -> WatermarkScore:
-        aligned = {}
-        if self.params.align and ctx.marked is not None:  # not the marked model itself
-            probe = ctx.data.owner.x[:ALIGN_PROBE]
-            model, aligned = align(model, ctx.marked.model(), probe, ctx.device)
+        model, aligned = aligned_suspect(model, ctx, self.params.align)
         codes, repeat, threshold = key["codes"], key["repeat"], key["threshold"]
         n_users, v = codes.shape
         y = projection(model, key)

@@ -30,14 +30,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 
-from harness.alignment import align
+from harness.alignment import ALIGN_METRICS, aligned_suspect
 from harness.decision import binomial_p, null_figures, null_model_metrics, null_threshold
 from harness.errors import ConfigError
 from harness.methods.base import Embedded, Method, Metric, VictimRef, WatermarkScore, register
 from harness.training import fit
 from model_zoo import ModelSpec, create_model
-
-ALIGN_PROBE = 128  # owner images whose signals match the suspect's neurons to the owner's
 
 
 class UchidaParams(BaseModel):
@@ -114,11 +112,8 @@ class Uchida(Method):
     metrics = (
         *null_model_metrics("bit accuracy"),
         Metric("layer_found", "1 if the suspect has the marked layer (else read as chance)"),
-        Metric("aligned_chains", "align: hidden chains matched to the marked model", None,
-               optional=True),
-        Metric("match_corr", "align: mean best signal correlation of the owner's channels",
-               None, optional=True),
-    )  # fmt: skip
+        *ALIGN_METRICS,
+    )
     verify_params = ("align",)  # one marked model serves align: false and true
 
     @classmethod
@@ -159,10 +154,7 @@ class Uchida(Method):
         return Embedded(victim, key)
 
     def verify(self, model, key, ctx) -> WatermarkScore:
-        aligned = {}
-        if self.params.align and ctx.marked is not None:  # not the marked model itself
-            probe = ctx.data.owner.x[:ALIGN_PROBE]
-            model, aligned = align(model, ctx.marked.model(), probe, ctx.device)
+        model, aligned = aligned_suspect(model, ctx, self.params.align)
         acc = bit_accuracy(model, key)
         found = acc is not None
         acc = acc if found else 0.5
