@@ -21,6 +21,7 @@ it needs the owner's marked model (``ctx.marked``) and a few of the owner's imag
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import torch
 import torch.nn as nn
@@ -210,8 +211,7 @@ def align(
         regroup_chain(
             suspect, chain, matched_groups
         )  # unmatched groups (extra channels) are dropped
-        chain = Chain(len(r), chain.producers, chain.through, chain.consumers,
-                      chain.homogeneous, chain.gated, chain.not_homogeneous)  # fmt: skip
+        chain = dataclasses.replace(chain, channels=len(r))
         if chain.homogeneous:
             matched = reps[cols[rows.argsort()]]
             energy = (r * r).sum(1)

@@ -10,14 +10,17 @@ space. The space follows that tensor through operations that act on each channel
 are understood here: BatchNorm (torch's, timm's BatchNormAct2d), depthwise convs, elementwise
 activations, pooling, spatial means, flatten, dimension permutes, dropout, arithmetic with a
 constant. It ends where channel-mixing layers read it (its *consumers*, whose input columns are
-the space's channels; a Linear after a flatten reads `inner` columns per channel). A gate
-multiplication of two spaces (squeeze-excite: ``x * gate(conv(mean(x)))``) joins them into one,
-whose producers then move together.
+the space's channels; a Linear after a flatten reads `inner` columns per channel). Two spaces
+that meet elementwise are joined into one, whose producers then move together: a residual add
+or subtraction (``block(x) + shortcut(x)``: the stream of a ResNet stage - its stem or
+downsample conv and every block's last conv - is one space, read by every block's first conv
+and by what follows the stage) and a gate multiplication (squeeze-excite:
+``x * gate(conv(mean(x)))``).
 
-Conservative: anything else that touches a space leaves the whole space alone - a residual add
-or a concat (so residual-stream channels are never changed), LayerNorm / GroupNorm (they mix
-channels), a grouped conv, a slice, a module called twice or shared, a parameter read as a
-tensor, an opaque module, the network's output. A network fx cannot trace has no chains.
+Conservative: anything else that touches a space leaves the whole space alone - a concat,
+LayerNorm / GroupNorm (they mix channels, so ConvNeXt's residual stream stays as it is), a
+grouped conv, a slice, a module called twice or shared, a parameter read as a tensor, an opaque
+module, the network's output. A network fx cannot trace has no chains.
 
 A `Chain` is a valid space: its producers' output channels, the channel-wise layers on the way
 and its consumers' input channels, listed as `Slot`s (one channel-indexed tensor each). Every
@@ -116,6 +119,7 @@ class Chain:
     homogeneous: bool  # a positive per-channel scaling passes through (rescale)
     gated: bool = False  # joined by a gate multiplication (squeeze-excite)
     not_homogeneous: str | None = None  # the first op that is not, for messages
+    residual: bool = False  # joined by a residual add (a stream through several blocks)
 
     def slots(self, model: nn.Module) -> list[Slot]:
         out: list[Slot] = []
@@ -198,7 +202,7 @@ class _Space:
         self.producers: list[str] = []
         self.through: list[str] = []
         self.consumers: list[tuple[str, int]] = []
-        self.homogeneous, self.blocker, self.gated = True, None, False
+        self.homogeneous, self.blocker, self.gated, self.residual = True, None, False, False
         self.invalid: str | None = None
 
     def not_homogeneous(self, what: str) -> None:
@@ -223,18 +227,18 @@ class _Analyzer:
             s = self.spaces[s.parent]
         return s
 
-    def merge(self, a: int, b: int) -> _Space:
+    def merge(self, a: int, b: int, how: Literal["gated", "residual"]) -> _Space:
         sa, sb = self.find(a), self.find(b)
-        if sa is sb:
-            return sa
-        sb.parent = sa.sid
-        sa.producers += sb.producers
-        sa.through += sb.through
-        sa.consumers += sb.consumers
-        if not sb.homogeneous:
-            sa.not_homogeneous(sb.blocker or "a gate")
-        sa.invalid = sa.invalid or sb.invalid
-        sa.gated = True
+        if sa is not sb:
+            sb.parent = sa.sid
+            sa.producers += sb.producers
+            sa.through += sb.through
+            sa.consumers += sb.consumers
+            if not sb.homogeneous:
+                sa.not_homogeneous(sb.blocker or "a gate")
+            sa.invalid = sa.invalid or sb.invalid
+            sa.gated, sa.residual = sa.gated or sb.gated, sa.residual or sb.residual
+        setattr(sa, how, True)
         return sa
 
     def reject(self, tags: list[Tag], why: str) -> None:
@@ -383,18 +387,21 @@ class _Analyzer:
         if node.kwargs.keys() - {"other"}:
             raise _Reject(f"{node.name}: {op} with {sorted(node.kwargs)}")
         a, b = (*node.args, node.kwargs.get("other"))[:2]
-        if len(tags) == 2 and op == "mul":
+        if len(tags) == 2 and op in ("mul", "add", "sub"):
             (s1, d1, i1), (s2, d2, i2) = tags
             n1, n2 = self.shape(inputs[0]), self.shape(inputs[1])
             if (len(n1), d1, i1) != (len(n2), d2, i2) or self.find(s1).channels != self.find(
                 s2
             ).channels:
-                raise _Reject(f"{node.name}: a product of unaligned channels")
-            space = self.merge(s1, s2)  # a gate: x * gate(x)
-            space.not_homogeneous("a gate product")
+                raise _Reject(f"{node.name}: {op} of unaligned channels")
+            if op == "mul":
+                space = self.merge(s1, s2, "gated")  # a gate: x * gate(x)
+                space.not_homogeneous("a gate product")
+            else:  # a residual: linear, so one permutation or scaling passes through
+                space = self.merge(s1, s2, "residual")
             return space.sid, d1, i1
         if len(tags) != 1 or len(node.all_input_nodes) != 1:
-            raise _Reject(f"{node.name}: {op} with another tensor (a residual or scale)")
+            raise _Reject(f"{node.name}: {op} with an untraced tensor (a constant or scale)")
         other = b if isinstance(a, fx.Node) else a
         if not isinstance(other, (int, float)) or isinstance(other, bool):
             raise _Reject(f"{node.name}: {op} with {type(other).__name__}")
@@ -537,6 +544,7 @@ class _Analyzer:
 
     def result(self) -> Analysis:
         shared = self.shared()
+        position = {path: i for i, path in enumerate(self.modules)}
         chains, why = [], []
         for s in self.spaces:
             if s.parent != s.sid:
@@ -550,9 +558,10 @@ class _Analyzer:
             if bad is not None:
                 why.append(bad.split(": ", 1)[-1])
                 continue
-            chains.append(Chain(
-                s.channels, tuple(s.producers), tuple(s.through), tuple(s.consumers),
-                s.homogeneous, s.gated, s.blocker,
+            chains.append(Chain(  # producers in module order: the first is the most upstream
+                s.channels, tuple(sorted(s.producers, key=position.__getitem__)),
+                tuple(s.through), tuple(s.consumers), s.homogeneous, s.gated, s.blocker,
+                s.residual,
             ))  # fmt: skip
         return Analysis(chains, list(dict.fromkeys(why)))
 

@@ -3,11 +3,12 @@ random reordering of the hidden channels of every chain `harness.equivalence` fi
 conv/linear's output channels with the matching BatchNorm statistics and affine, depthwise
 filters and the next conv/linear's input columns - which leaves the function unchanged.
 
-Exact through any elementwise activation and through squeeze-excite gates (both producers of a
-gated space move together); residual-stream channels are left alone. A white-box mark read
-from a layer's input-channel layout (Uchida's kernel mean of a chain's consumer) is scrambled;
-one read from output-channel averages alone is not. Reports the largest |logit change| on the
-attacker split (fp32; ~1e-6) and how many channels moved.
+Exact through any elementwise activation, squeeze-excite gates and residual adds (the producers
+of a joined space move together: a ResNet stage's stream is permuted as one, from its stem or
+downsample conv through every block). A white-box mark read from a layer's input-channel
+layout (Uchida's kernel mean of a chain's consumer) or from a hidden activation (DeepSigns)
+is scrambled; one read from output-channel averages alone is not. Reports the largest |logit
+change| on the attacker split (fp32; ~1e-6) and how many channels moved.
 """
 
 from __future__ import annotations
@@ -32,8 +33,8 @@ from harness.training import as_float
 
 ALLOWED = (
     "networks with a conv/linear feeding another through BatchNorm, depthwise convs, "
-    "elementwise activations or pooling, outside residual adds: lenet, ResNets, MobileNetV3, "
-    "ConvNeXt (its MLPs)"
+    "elementwise activations, pooling or residual adds (not LayerNorm): lenet, ResNets, "
+    "MobileNetV3, ConvNeXt (its MLPs)"
 )
 DEVIATION = Metric(
     "max_logit_deviation",

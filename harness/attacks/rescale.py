@@ -1,7 +1,8 @@
 """Neuron rescaling (Yan et al., USENIX Security 2023): every hidden chain that
 `harness.equivalence` finds positively homogeneous - ReLU / LeakyReLU / pooling between a
-conv/linear and its consumers - has its signal multiplied by positive per-channel factors,
-log-uniform in [low, high], and divided back in the consumers' input weights.
+conv/linear and its consumers, residual adds included (a stream is scaled as one) - has its
+signal multiplied by positive per-channel factors, log-uniform in [low, high], and divided back
+in the consumers' input weights.
 
 Where: a producer's weight rows and bias are scaled by t, a BatchNorm's running mean and shift
 by t (its scale and variance kept: exact in eval mode, where BatchNorm is affine), a depthwise
@@ -25,7 +26,7 @@ from harness.equivalence import check_arch_chains, exact_logits, max_logit_devia
 
 ALLOWED = (
     "networks with a conv/linear feeding another through BatchNorm, depthwise convs, ReLU / "
-    "LeakyReLU or pooling only (positively homogeneous), outside residual adds: lenet, ResNets, "
+    "LeakyReLU, pooling or residual adds only (positively homogeneous): lenet, ResNets, "
     "MobileNetV3 (its ReLU stages and squeeze-excite MLPs); not ConvNeXt (GELU, LayerNorm)"
 )
 

@@ -86,9 +86,10 @@ def test_attack_keeps_the_logits_and_changes_the_weights(attack, arch):
 
 
 @pytest.mark.parametrize("attack", ["permute", "rescale", "dummy_neurons"])
-def test_uchida_bits_of_a_chain_consumer_are_scrambled(attack):
+@pytest.mark.parametrize("layer", ["layer2.0.conv2", "layer2.1.conv1"])
+def test_uchida_bits_of_a_chain_consumer_are_scrambled(attack, layer):
+    # layer2.0.conv2 reads its block's hidden channels; layer2.1.conv1 the stage's stream
     model, spec = build("resnet18")
-    layer = "layer2.0.conv2"  # reads the hidden channels of its block: a chain consumer
     w = kernel_mean(model.get_submodule(layer)).detach()
     X = torch.randn(64, w.numel(), generator=torch.Generator().manual_seed(3))
     key = {"X": X, "b": (X @ w >= 0).float(), "layer": layer}
@@ -98,13 +99,30 @@ def test_uchida_bits_of_a_chain_consumer_are_scrambled(attack):
     assert acc is None or acc < 0.9  # dummy_neurons: the layer's shape changed (not found)
 
 
-def test_chains_leave_residual_streams_alone_and_join_gates():
+def test_chains_join_residual_streams_and_gates():
     model, spec = build("resnet18")
     found = chains(model, example_input(spec))
-    assert {c.producers for c in found} == {
+    inner = [c for c in found if not c.residual]
+    assert {c.producers for c in inner} == {
         (f"layer{i}.{j}.conv1",) for i in range(1, 5) for j in range(2)
     }
-    assert all(c.consumers == ((c.producers[0][:-1] + "2", 1),) for c in found)
+    assert all(c.consumers == ((c.producers[0][:-1] + "2", 1),) for c in inner)
+    # a stage's stream: its stem / downsample conv and every block's last conv move together,
+    # read by every block's first conv, the next stage's first conv and downsample (or the head)
+    streams = {c.producers: c for c in found if c.residual}
+    assert set(streams) == {("conv1", "layer1.0.conv2", "layer1.1.conv2")} | {
+        (f"layer{i}.0.conv2", f"layer{i}.0.downsample.0", f"layer{i}.1.conv2")
+        for i in range(2, 5)
+    }
+    first = streams[("conv1", "layer1.0.conv2", "layer1.1.conv2")]
+    assert {p for p, _ in first.consumers} == {
+        "layer1.0.conv1", "layer1.1.conv1", "layer2.0.conv1", "layer2.0.downsample.0"
+    }
+    assert "bn1" in first.through and first.homogeneous
+    last = streams[("layer4.0.conv2", "layer4.0.downsample.0", "layer4.1.conv2")]
+    assert ("fc", 1) in last.consumers
+    convnext, spec = build("convnext_atto")  # its stream passes LayerNorms: left alone
+    assert not any(c.residual for c in chains(convnext, example_input(spec)))
     mnv3, spec = build("mobilenetv3_small_050")
     gated = [c for c in chains(mnv3, example_input(spec)) if c.gated]
     assert gated and all(not c.homogeneous for c in gated)
@@ -217,7 +235,7 @@ def test_rescale_on_convnext_is_refused_before_any_task(tmp_path, capsys):
 
 
 def test_a_layer_that_heads_no_chain_is_refused(tmp_path, capsys):
-    attack = {"name": "permute", "params": {"layers": ["layer1.0.conv2"]}}
+    attack = {"name": "permute", "params": {"layers": ["fc"]}}  # writes the logits
     assert main(["validate", _scenario(tmp_path, ["resnet10t"], [attack])]) == 2
     err = capsys.readouterr().err
     assert "attacks[0].params.layers" in err and "layer1.0.conv1" in err  # what is allowed
