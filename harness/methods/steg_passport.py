@@ -27,6 +27,14 @@ digits scale: the signs of a forged passport's response agree with the OWNER's b
 well as the genuine passport's do (the response is dominated by W, not by the passport), so
 the proof rests on the hash: a claimant must show the bits its own passport hashes to, and that
 is what `forged_detection` measures (`forged_detection_owner_bits` is reported beside it).
+
+Function-preserving attacks (`permute`, `rescale`, `dummy_neurons`) leave the signature as it
+was, with or without `align`: a passport layer is opaque to `harness.equivalence`, so the
+channels it normalises are never rewritten, and every other rewrite is undone by the verifier
+itself - `install` recaptures the passport buffers through the suspect's own (rewritten)
+layers. A thief who also permuted a passport layer's channels (with its TLP's outputs) would
+permute the sign bits; `align: true` (a verify-only parameter, as Uchida's) matches the chains
+the engine can rewrite to the marked model's before reading (`harness.alignment`).
 """
 
 from __future__ import annotations
@@ -43,6 +51,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from harness.alignment import ALIGN_METRICS, aligned_suspect
 from harness.data import IMAGE_SUFFIXES, photo_patches, photo_sources, random_patch
 from harness.errors import ConfigError
 from harness.image_metrics import psnr, ssim, to_uint8
@@ -127,6 +136,9 @@ class StegPassportParams(BaseModel):
     )
     acc_gap: float = Field(0.05, ge=0, le=1, description="max |acc_dep - acc_ver| for ownership")
     threshold: float = Field(0.9, gt=0.5, le=1, description="signature detection for ownership")
+    align: bool = Field(
+        False, description="match the suspect's neurons to the marked model's before reading"
+    )
 
     @field_validator("isn_patch")
     @classmethod
@@ -416,7 +428,9 @@ class StegPassport(Method):
                optional=True),
         Metric("forged_key_reveal_psnr", "genuine ID revealed with a forged key (dB)", False,
                optional=True),
+        *ALIGN_METRICS,
     )  # fmt: skip
+    verify_params = ("align",)  # one marked model serves align: false and true
     summary_title = "steganographic passport (detection = share of matching signs)"
     report_figures = (
         Bars(
@@ -562,7 +576,8 @@ class StegPassport(Method):
 
     def verify(self, model, key, ctx) -> WatermarkScore:
         p = self.params
-        metrics: dict[str, float] = dict(key.get("stats", {}))
+        model, aligned = aligned_suspect(model, ctx, p.align)
+        metrics: dict[str, float] = {**key.get("stats", {}), **aligned}
         test = ctx.data.test
         if not passport_layers(model):
             probe = probe_plain(model, key)

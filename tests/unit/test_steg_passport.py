@@ -4,6 +4,7 @@ stages, the ambiguity attacks, and clear refusals of bad input."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -172,6 +173,23 @@ def test_generic_attacks_run_on_passport_models(store):
         row = run_cell(_cell(attack), store)
         assert row["status"] == "ok", row.get("error")
         assert row["metrics"]["passport_layers"] == 3
+
+
+def test_function_preserving_attacks_leave_the_signature(store):
+    # passport layers are opaque to the rewrites, and install recaptures the passports through
+    # the rewritten layers: the signs survive with and without alignment
+    for align in (False, True):
+        for attack in ("permute", "dummy_neurons"):
+            cell = _cell(attack)
+            cell = dataclasses.replace(cell, method_params={**cell.method_params, "align": align})
+            row = run_cell(cell, store)
+            assert row["status"] == "ok", row.get("error")
+            m = row["metrics"]
+            assert m["max_logit_deviation"] <= 1e-4 and m["channels_changed"] > 0
+            assert row["wm_detected"] and row["wm_score_attacked"] >= 0.9, (attack, align)
+            assert ("aligned_chains" in m) == align
+            if align:
+                assert m["aligned_chains"] >= 1 and m["match_corr"] > 0.999
 
 
 def test_install_is_undone_by_verify(store):
