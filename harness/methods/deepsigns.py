@@ -306,10 +306,15 @@ class DeepSigns(Method):
         example = torch.rand(2, dataset.channels, dataset.image_size, dataset.image_size)
         try:
             layer = pick_layer(model, self.params, example)
-            if layer_widths(model, [layer], example)[layer] is None:
+            width = layer_widths(model, [layer], example)[layer]
+            if width is None:
                 raise ConfigError("this module returns no tensor in the forward pass (unused, "
                                   "or a tuple)", field="layer", value=layer,
                                   allowed=candidate_layers(model))  # fmt: skip
+            if width < self.params.n_bits:  # a centre of `width` values cannot carry them all
+                raise ConfigError(f"more bits than layer {layer!r} holds ({width} values)",
+                                  field="n_bits", value=self.params.n_bits,
+                                  allowed=f"1 … {width}, or a wider layer")  # fmt: skip
         except ConfigError as e:
             raise ConfigError(f"arch {arch!r}: {e.message}", field=e.field, value=e.value,
                               allowed=e.allowed, hint=e.hint) from None  # fmt: skip

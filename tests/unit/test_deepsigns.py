@@ -94,7 +94,8 @@ def _write(tmp_path: Path, params: dict, archs=("lenet",), dataset=None) -> str:
      ({"n_classes_marked": 0}, "n_classes_marked"),
      ({"n_bits": 0}, "n_bits"),
      ({"key_images": 1}, "key_images"),
-     ({"gamma1": -1}, "gamma1")],
+     ({"gamma1": -1}, "gamma1"),
+     ({"layer": "features.9", "n_bits": 100}, "n_bits")],  # 64 values
 )  # fmt: skip
 def test_bad_parameters_exit_2(tmp_path: Path, capsys, params, field):
     assert main(["validate", _write(tmp_path, params)]) == 2
