@@ -241,6 +241,11 @@ class Cell:
         return key
 
     def _attack_key(self, embed_key: str, attack: Attack) -> str:
+        if (steps := attack.steps()) is not None:  # a chain: each step keyed on the one before
+            key = embed_key
+            for step in self._steps(steps):
+                key = step._attack_key(key, attack_of(step))
+            return key
         version = attack.version
         memo = self.__dict__.get("memo_attack_key")
         if (
@@ -303,9 +308,27 @@ class Cell:
             "embed", self.embed_key(), self, (self.victim_job(), *deps), "embed", ("victim", *names)
         )
 
+    def _steps(self, steps: list[tuple[str, dict]]) -> list[Cell]:
+        """This cell with each step's attack in place of its own (the cells of a chain's jobs)."""
+        return [
+            dataclasses.replace(self, attack=name, attack_params=params) for name, params in steps
+        ]
+
     def attack_job(self, embed: Job | None = None) -> Job:
         attack = attack_of(self)
         embed = embed or self.embed_job()
+        if (steps := attack.steps()) is not None:
+            # one attack stage per step, each on the previous step's model ("previous"); the
+            # marked model stays an input of every step (ctx.marked, the served API)
+            job = embed
+            for step in self._steps(steps):
+                plugin = attack_of(step)
+                key = step._attack_key(job.key, plugin)
+                deps, names = step._needs(plugin, tuple(s.name for s in plugin.aux_steps()))
+                prev = () if job is embed else (job,)
+                names = ("marked", *("previous" for _ in prev), *names)
+                job = Job("attack", key, step, (embed, *prev, *deps), "attack", names)
+            return job
         key = self._attack_key(embed.key, attack)
         deps, names = self._needs(attack, tuple(s.name for s in attack.aux_steps()))
         return Job("attack", key, self, (embed, *deps), "attack", ("marked", *names))

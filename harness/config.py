@@ -360,7 +360,7 @@ def resolve_component(comp: ComponentCfg, registry, field: str, file: str | None
         raise e.with_location(file, f"{field}.name") from None
     out = []
     try:
-        grid = expand_params(comp.params, cls.Params)
+        grid = cls.grid(comp.params)
     except ConfigError as e:
         raise e.with_location(file, f"{field}.params") from None
     for point in grid:

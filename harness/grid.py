@@ -18,7 +18,6 @@ from harness.cells import Cell, canonical
 from harness.config import (
     ComponentCfg,
     Scenario,
-    grid_size,
     load_yaml_with_includes,
     param_names,
     parse_scenario,
@@ -126,11 +125,11 @@ def count_cells(scenario: Scenario, file: str | None = None) -> int:
 
 def _cells_bound(scenario: Scenario) -> int:
     """An upper bound of the grid's size from the raw parameter lists (no validation)."""
-    methods = [(m.name, grid_size(m.params, METHODS.get(m.name).Params)) for m in scenario.methods]
+    methods = [(m.name, METHODS.get(m.name).grid_count(m.params)) for m in scenario.methods]
     pairs = 0
     for a in scenario.attacks:
         cls = ATTACKS.get(a.name)
-        points = grid_size(a.params, cls.Params)
+        points = cls.grid_count(a.params)
         pairs += points * sum(n for m, n in methods if cls.methods is None or m in cls.methods)
     return len(scenario.archs) * len(scenario.seeds) * pairs
 

@@ -30,6 +30,7 @@ from typing import Any, ClassVar, Literal
 import torch.nn as nn
 from pydantic import BaseModel, ConfigDict
 
+from harness.config import expand_params, grid_size
 from model_zoo import ModelSpec
 from results.analysis import aggregate_metrics
 
@@ -188,6 +189,18 @@ class Plugin:
     def tiny_params(cls) -> dict[str, Any]:
         """Parameters small enough for the contract suite (seconds on a CPU)."""
         return {}
+
+    @classmethod
+    def grid(cls, params: dict[str, Any]) -> list[dict[str, Any]]:
+        """The raw parameter dicts of every grid point a scenario's `params` expand to (before
+        validation): the cartesian product over list values. A plug-in whose parameters nest
+        other plug-ins' (`stack`) expands theirs too."""
+        return expand_params(params, cls.Params)
+
+    @classmethod
+    def grid_count(cls, params: dict[str, Any]) -> int:
+        """len(grid(params)), counted without making the points (the grid-size guard)."""
+        return grid_size(params, cls.Params)
 
     # -------------------------------------------------------------- stages (workers)
 

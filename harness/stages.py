@@ -219,25 +219,51 @@ def attack(
     plugin, method = attack_of(cell), method_of(cell)
     names = [s.name for s in plugin.aux_steps()]
     handle = marked_artifact(artifacts, marked, device)
-    model, spec = handle.model(), handle.spec
+    # a step of a chain (`Attack.steps`) starts from the previous step's model
+    prev = deps[0] if deps and deps[0].get("stage") == "attack" else None
+    if prev is not None:
+        deps = deps[1:]
+        source = Artifact(artifacts, prev, device)
+        model, spec = source.model(), source.spec
+    else:
+        model, spec = handle.model(), handle.spec
     inputs = _inputs(artifacts, names, deps, device)
     # the deployment the attacker may query (`ctx.query`); the owner's side keeps its log
     api = API(deployed(model, method, handle.secret() if method.serves else {}), device)
     ctx = context(cell, device, spec, inputs=inputs, marked=handle, api=api)
     seed_everything(cell.seed)
     out = plugin.apply(model, ctx)
-    log = api.log()
+    log, evidence = api.log(), out.evidence
+    figures = api.figures() if api.queries else None
+    metrics = {k: float(v) for k, v in out.metrics.items()}  # the attack's own figures
+    prior_seconds = None
+    if prev is not None:  # a chain's row carries what every step did and cost
+        metrics = {**prev.get("metrics", {}), **metrics}
+        figures = _add_figures(prev.get("api"), figures)
+        prior_seconds = prev.get("seconds", 0.0) + (prev.get("prior_seconds") or 0.0)
+        held_evidence, held_log = _attack_secrets(Artifact(artifacts, prev, device))
+        log = log if log is not None else held_log
+        evidence = evidence if evidence is not None else held_evidence
     meta = {
         "spec": (out.spec or spec).to_dict(),
-        "evidence": out.evidence is not None,
-        "metrics": {k: float(v) for k, v in out.metrics.items()},  # the attack's own figures
-        "api": api.figures() if api.queries else None,
+        "evidence": evidence is not None,
+        "metrics": metrics,
+        "api": figures,
         "api_log": log is not None,
         "secret_layout": 2,  # {"evidence", "api_log"} (1: the evidence dict itself)
+        "prior_seconds": prior_seconds,  # a chain: the seconds of the steps before this one
     }
-    held = out.evidence is not None or log is not None
-    secret = {"evidence": out.evidence, "api_log": log} if held else None
-    return _save_model(artifacts, "attack", key, meta, out.model, model, marked, secret)
+    held = evidence is not None or log is not None
+    secret = {"evidence": evidence, "api_log": log} if held else None
+    upstream = prev if prev is not None else marked
+    return _save_model(artifacts, "attack", key, meta, out.model, model, upstream, secret)
+
+
+def _add_figures(a: dict | None, b: dict | None) -> dict | None:
+    """Served-API counts of two chain steps together."""
+    if a is None or b is None:
+        return a or b
+    return {k: a.get(k, 0) + b.get(k, 0) for k in {*a, *b}}
 
 
 def verify(
@@ -265,6 +291,8 @@ def verify(
     }
     if "embed" in seconds:  # the aux stages it waited for, when this run computed them
         seconds.update(marked.get("aux_seconds", {}))
+    if "attack" in seconds and attacked.get("prior_seconds"):  # a chain's earlier steps
+        seconds["attack_prior_steps"] = attacked["prior_seconds"]
     seconds["verify"] = time.perf_counter() - start
     row.update(stage_seconds=seconds, duration_s=sum(seconds.values()))
     if c.trial is not None:  # a `harness tune` trial's cells carry its number

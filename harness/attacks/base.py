@@ -51,6 +51,13 @@ class Attack(Plugin):
         """Modify (or replace) the marked model using only the attacker's split."""
         raise NotImplementedError
 
+    def steps(self) -> list[tuple[str, dict[str, Any]]] | None:
+        """For an attack made of other attacks run in order (`stack`): their (name, validated
+        params), each run by the engine as its own cached attack stage on the previous one's
+        model - so a stack's first step is the same stage as that attack alone. None (the
+        default): this attack's own `apply` is the one stage."""
+        return None
+
 
 ATTACKS: Registry[type[Attack]] = Registry("attack", Attack)
 register = ATTACKS.register

@@ -190,7 +190,11 @@ def test_a_method_version_bump_changes_its_own_keys_only(method, monkeypatch):
 def test_an_attack_version_bump_changes_the_attack_key_only(attack, monkeypatch):
     cell = make_cell(_partners(attack)[0], attack)
     before = cell.attack_job()
-    monkeypatch.setattr(ATTACKS.get(attack), "version", "bumped")
+    steps = ATTACKS.get(attack)(cell.attack_params).steps()
+    # a chain of attacks (`stack`) is keyed by its steps: bumping the first step's version
+    # changes every step's key, and nothing upstream of them
+    bumped = ATTACKS.get(steps[0][0] if steps else attack)
+    monkeypatch.setattr(bumped, "version", "bumped")
     after = cell.attack_job()
     assert after.key != before.key and after.deps[0].key == before.deps[0].key
 
