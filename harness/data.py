@@ -72,7 +72,16 @@ class RawData:
 DATASETS: Registry = Registry("dataset")
 
 
-def _to_uint8(images: torch.Tensor, size: int, channels: int) -> torch.Tensor:
+KNOWN_CLASSES = {"digits": 10, "cifar10": 10, "cifar100": 100}  # known before loading
+
+
+def known_classes(cfg) -> int | None:
+    """The label space of data set config `cfg` where it is known before loading (None: a
+    folder data set, whose classes are its subfolders)."""
+    return KNOWN_CLASSES.get(cfg.name, cfg.num_classes if cfg.name == "synthetic" else None)
+
+
+def to_uint8(images: torch.Tensor, size: int, channels: int) -> torch.Tensor:
     """Float images in [0, 1], (N, C, H, W): resize, set channel count, quantise to 8 bits."""
     if images.shape[-1] != size or images.shape[-2] != size:
         images = F.interpolate(images, size=(size, size), mode="bilinear", align_corners=False)
@@ -91,7 +100,7 @@ def load_digits(cfg) -> RawData:
     bunch = sk_digits()
     x = torch.from_numpy(bunch.images.astype(np.float32) / 16.0).unsqueeze(1)
     return RawData(
-        _to_uint8(x, cfg.image_size, cfg.channels), torch.from_numpy(bunch.target).long(), 10
+        to_uint8(x, cfg.image_size, cfg.channels), torch.from_numpy(bunch.target).long(), 10
     )
 
 
@@ -106,7 +115,7 @@ def load_synthetic(cfg) -> RawData:
     x = protos[y] + 0.15 * torch.randn(
         cfg.samples, cfg.channels, cfg.image_size, cfg.image_size, generator=g
     )
-    return RawData(_to_uint8(x, cfg.image_size, cfg.channels), y.long(), cfg.num_classes)
+    return RawData(to_uint8(x, cfg.image_size, cfg.channels), y.long(), cfg.num_classes)
 
 
 DOWNLOADABLE = ("cifar10", "cifar100")  # torchvision can fetch these; folders it cannot
@@ -326,7 +335,7 @@ def _load_cifar(fmt: CifarFormat, cfg) -> RawData:
         xs, ys = [], []
         for name in names:  # converted per batch: float copies of one file at a time
             x, y = _read_batch(folder / name, fmt, num_classes)
-            xs.append(_to_uint8(torch.from_numpy(x).float() / 255.0, cfg.image_size, cfg.channels))
+            xs.append(to_uint8(torch.from_numpy(x).float() / 255.0, cfg.image_size, cfg.channels))
             ys.append(torch.from_numpy(y))
         return torch.cat(xs), torch.cat(ys)
 
@@ -351,7 +360,7 @@ def load_cifar100(cfg) -> RawData:
 CLASS_IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
 
-def _is_class_image(path: str) -> bool:
+def is_class_image(path: str) -> bool:
     """The files an ImageFolder class reads (torchvision's default extensions)."""
     return path.lower().endswith(CLASS_IMAGE_SUFFIXES)
 
@@ -363,10 +372,10 @@ def _train_val(root: Path) -> list[Path]:
     return [root]
 
 
-def _has_class_image(folder: Path) -> bool:
+def has_class_image(folder: Path) -> bool:
     """Whether any image lies in folder or below (stops at the first one found)."""
     return any(
-        any(map(_is_class_image, files)) for _, _, files in os.walk(folder, followlinks=True)
+        any(map(is_class_image, files)) for _, _, files in os.walk(folder, followlinks=True)
     )
 
 
@@ -376,14 +385,14 @@ def _class_folders(folder: Path) -> list[str]:
     classes = sorted(e.name for e in entries if e.is_dir())
     expected = f"one sub-folder per class, each holding images ({', '.join(CLASS_IMAGE_SUFFIXES)})"
     if not classes:
-        loose = any(e.is_file() and _is_class_image(e.name) for e in entries)
+        loose = any(e.is_file() and is_class_image(e.name) for e in entries)
         found = "no class sub-folders"
         if loose:
             found = "images lie directly in the folder, not in class sub-folders"
         raise ConfigError(
             f"{found}: an ImageFolder needs {expected}", field="dataset.root", value=str(folder)
         )
-    empty = [name for name in classes if not _has_class_image(folder / name)]
+    empty = [name for name in classes if not has_class_image(folder / name)]
     if empty:
         shown = ", ".join(empty[:10]) + (f" ... ({len(empty)} in all)" if len(empty) > 10 else "")
         raise ConfigError(
@@ -420,10 +429,10 @@ def load_imagefolder(cfg) -> RawData:
     )
 
     def tensors(path):
-        ds = ImageFolder(str(path), transform=tf, is_valid_file=_is_class_image)
+        ds = ImageFolder(str(path), transform=tf, is_valid_file=is_class_image)
         xs, ys = zip(*[ds[i] for i in range(len(ds))], strict=True)
         x = torch.stack(xs).float() / 255.0
-        return _to_uint8(x, cfg.image_size, cfg.channels), torch.tensor(ys).long(), len(ds.classes)
+        return to_uint8(x, cfg.image_size, cfg.channels), torch.tensor(ys).long(), len(ds.classes)
 
     folders = _train_val(root)
     if len(folders) == 2:
@@ -600,7 +609,7 @@ def load_photo_pairs(cfg) -> RawData:
         clean = clean.mean(1, keepdim=True)
     degraded = degrade(clean, cfg.degradation, cfg.split_seed + 1)
     size, channels = cfg.image_size, cfg.channels
-    return RawData(_to_uint8(degraded, size, channels), _to_uint8(clean, size, channels), 0)
+    return RawData(to_uint8(degraded, size, channels), to_uint8(clean, size, channels), 0)
 
 
 def _read_pair(path: Path, size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -653,7 +662,7 @@ def _pairs_in(folder: Path, root: Path, cfg) -> tuple[torch.Tensor, torch.Tensor
     """All [A | B] images directly in `folder` (sorted by name) as uint8 (A, B) tensors."""
     a, b = zip(*(_read_pair(p, cfg.image_size) for p in _pair_files(folder, root)), strict=True)
     size, channels = cfg.image_size, cfg.channels
-    return _to_uint8(torch.stack(a), size, channels), _to_uint8(torch.stack(b), size, channels)
+    return to_uint8(torch.stack(a), size, channels), to_uint8(torch.stack(b), size, channels)
 
 
 @DATASETS.register("pairs_folder")

@@ -76,10 +76,10 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 
 from harness.alignment import ALIGN_METRICS, aligned_suspect
+from harness.data import known_classes
 from harness.decision import binomial_p, null_figures, null_model_metrics, null_threshold
 from harness.errors import CellFailed, ConfigError
 from harness.methods.base import Embedded, Method, Metric, VictimRef, WatermarkScore, register
-from harness.methods.zhang import CLASSES
 from harness.registry import close_match
 from harness.training import as_float, random_shift, train_loop
 from model_zoo import ModelSpec, create_model
@@ -260,11 +260,6 @@ def bit_accuracy(model: nn.Module, key: dict) -> float | None:
     return (extract_bits(means, key["A"]) == key["b"]).float().mean().item()
 
 
-def num_classes(dataset) -> int | None:
-    """The data set's label space where it is known before loading."""
-    return CLASSES.get(dataset.name, dataset.num_classes if dataset.name == "synthetic" else None)
-
-
 # ----------------------------------------------------------------------------- the method
 
 
@@ -294,7 +289,7 @@ class DeepSigns(Method):
         return {"n_bits": 64, "key_images": 32, "wm_every": 1, "epochs": 6, "n_null": 2}
 
     def check_data(self, dataset) -> None:
-        classes = num_classes(dataset)
+        classes = known_classes(dataset)
         if classes is not None and self.params.n_classes_marked > classes:
             raise ConfigError("more Gaussians than the data set has classes",
                               field="n_classes_marked", value=self.params.n_classes_marked,

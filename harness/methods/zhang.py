@@ -34,20 +34,17 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from harness.data import IMAGE_SUFFIXES, photo_patches
+from harness.data import IMAGE_SUFFIXES, known_classes, photo_patches
 from harness.errors import CellFailed, ConfigError
 from harness.methods.base import Embedded, register
 from harness.methods.trigger_set import TriggerSet
 from harness.training import fit
 
-CLASSES = {"digits": 10, "cifar10": 10, "cifar100": 100}  # label spaces known before loading
-
 
 def check_classes(params: BaseModel, dataset) -> None:
     """`target_class` (and `source_class`, where a scheme has one) inside the data set's label
     space (where it is known before loading) and different from each other."""
-    classes = CLASSES.get(dataset.name, dataset.num_classes if dataset.name == "synthetic"
-                          else None)  # fmt: skip
+    classes = known_classes(dataset)
     for name in ("target_class", "source_class"):
         value = getattr(params, name, None)
         if value is not None and classes is not None and value >= classes:

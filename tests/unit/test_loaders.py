@@ -157,7 +157,7 @@ def test_cifar10_resizes_and_sets_channels(tmp_path: Path) -> None:
     written = write_cifar10(tmp_path)
     raw = load("cifar10", tmp_path, image_size=16, channels=1)
     assert raw.x.shape == (5 * PER_BATCH, 1, 16, 16) and raw.x.dtype == torch.uint8
-    expected = data._to_uint8(written["train"][0].float() / 255.0, 16, 1)
+    expected = data.to_uint8(written["train"][0].float() / 255.0, 16, 1)
     assert torch.equal(raw.x, expected)
 
 
