@@ -329,25 +329,28 @@ def cmd_tune(args) -> int:
             f"({params})" + (f"  (best: trial {best.number}, {best.value:+.4f})" if best else "")
         )
 
-    study = tuning.tune(
-        scenario,
-        args.store,
-        run,
-        trials=args.trials,
-        parallel=args.parallel,
-        storage=args.storage,
-        on_trial=report,
-        max_cells=args.max_cells,
-    )
-    store_sections(args.store)  # for `harness report`, which reads the store alone
-    out = tuning.best_fragment_path(args.store, scenario)
-    fragment = tuning.write_best(study, scenario, out)
-    if fragment is None:
-        constraints = ", ".join(f"{k} {v}" for k, v in scenario.tune.constraints.items())
-        console.print(f"[yellow]no feasible trial yet[/yellow] (constraints: {constraints})")
-        return 0
-    console.print(f"best parameters -> {out}")
-    print(yaml_dump(fragment))
+    for part in tuning.studies(scenario):  # `tune.per`: one study per method / arch
+        if part is not scenario:
+            console.print(f"[bold]study {part.name}[/bold]")
+        study = tuning.tune(
+            part,
+            args.store,
+            run,
+            trials=args.trials,
+            parallel=args.parallel,
+            storage=args.storage,
+            on_trial=report,
+            max_cells=args.max_cells,
+        )
+        store_sections(args.store)  # for `harness report`, which reads the store alone
+        out = tuning.best_fragment_path(args.store, part)
+        fragment = tuning.write_best(study, part, out)
+        if fragment is None:
+            constraints = ", ".join(f"{k} {v}" for k, v in part.tune.constraints.items())
+            console.print(f"[yellow]no feasible trial yet[/yellow] (constraints: {constraints})")
+            continue
+        console.print(f"best parameters -> {out}")
+        print(yaml_dump(fragment))
     return 0
 
 

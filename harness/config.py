@@ -160,6 +160,9 @@ class TuneCfg(Strict):
     constraints: dict[str, Annotated[str, StringConstraints(pattern=CONSTRAINT)]] = {}
     sampler: Literal["tpe", "random"] = "tpe"
     seed: int = 0
+    # one study per method and / or arch of the scenario (a tuned attacker: the strongest
+    # attack against each scheme on each arch), instead of one over the whole grid
+    per: list[Literal["method", "arch"]] = []
 
     @model_validator(mode="after")
     def _one_plugin(self) -> TuneCfg:

@@ -158,6 +158,30 @@ def trial_scenario(scenario: Scenario, trial: optuna.Trial) -> tuple[Scenario, d
     return scenario.model_copy(update={field: comps}), drawn
 
 
+def studies(scenario: Scenario) -> list[Scenario]:
+    """The scenario as `tune.per` splits it: one per method component and / or arch, named
+    `<scenario>.<method>.<arch>` (its study, trial labels and best fragment follow the name);
+    the whole scenario when `per` is empty."""
+    per = scenario.tune.per
+    if not per:
+        return [scenario]
+    names = [m.name for m in scenario.methods]
+    labels = [n if names.count(n) == 1 else f"{n}{i}" for i, n in enumerate(names)]
+    methods = (
+        [([m], [label]) for m, label in zip(scenario.methods, labels, strict=True)]
+        if "method" in per
+        else [(list(scenario.methods), [])]
+    )
+    archs = [([a], [a]) for a in scenario.archs] if "arch" in per else [(scenario.archs, [])]
+    return [
+        scenario.model_copy(update={
+            "name": ".".join([scenario.name, *m_label, *a_label]), "methods": ms, "archs": arch,
+        })  # fmt: skip
+        for ms, m_label in methods
+        for arch, a_label in archs
+    ]
+
+
 def trial_label(scenario: Scenario, number: int) -> str:
     return f"{scenario.name}.trial{number}"
 

@@ -201,3 +201,45 @@ def test_a_method_added_as_one_file_is_tunable(ray_session, tmp_path):
     assert all(set(t.constraints) == {"embed_drop"} for t in trials)
     df = load(store)
     assert set(df["wm_metric"]) == {"bit_acc"} and (df["status"] == "ok").all()
+
+
+def test_a_tuned_attacker_runs_one_study_per_scheme_and_arch(ray_session, tmp_path):
+    """`tune.per: [method, arch]`: the attacker's parameters are searched against each scheme
+    on each arch in a study of its own (named after it), with its own rows and best fragment."""
+    scenario = parse_scenario(
+        tiny_scenario_dict(
+            name="attacker",
+            methods=[
+                {"name": "trigger_set", "params": {"n_keys": 20, "n_null": 2}},
+                {"name": "uchida", "params": {"n_bits": 64, "n_null": 2, "epochs": 2}},
+            ],
+            attacks=[{"name": "weight_shifting", "params": {"epochs": 0}}],
+            tune={
+                "attack": "weight_shifting",
+                "space": {"shift": {"low": 0.0, "high": 3.0}},
+                "objective": "wm_score",
+                "direction": "minimize",
+                "constraints": {"task_drop": "<= 0.05"},
+                "per": ["method", "arch"],
+            },
+        )
+    )
+    parts = tuning.studies(scenario)
+    assert [p.name for p in parts] == ["attacker.trigger_set.lenet", "attacker.uchida.lenet"]
+    assert [[m.name for m in p.methods] for p in parts] == [["trigger_set"], ["uchida"]]
+    store = str(tmp_path / "store")
+    for part in parts:
+        study = tuning.tune(
+            part,
+            store,
+            lambda cells: scheduler.run_cells(cells, store, resources=scenario.resources),
+            trials=2,
+            parallel=1,
+        )
+        assert study.study_name == part.name and len(study.trials) == 2
+    df = load(store)
+    assert set(df["scenario"]) == {f"{p.name}.trial{i}" for p in parts for i in range(2)}
+    by_study = df.groupby(df["scenario"].str.rsplit(".", n=1).str[0])["method"].unique()
+    assert {k: list(v) for k, v in by_study.items()} == {
+        "attacker.trigger_set.lenet": ["trigger_set"], "attacker.uchida.lenet": ["uchida"]
+    }
