@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 from statistics import NormalDist
 
-from harness.plugin import Metric
+from harness.plugin import Metric, WatermarkScore
 from results import stats
 
 
@@ -63,3 +63,23 @@ def null_figures(key: dict) -> dict[str, float]:
 def binomial_p(accuracy: float, n_keys: int, chance: float) -> float:
     """Exact one-sided binomial p-value of `accuracy` over `n_keys` keys against chance."""
     return stats.binomial_p(round(accuracy * n_keys), n_keys, chance)
+
+
+def bit_score(acc: float | None, n_bits: int, key: dict, **metrics: float) -> WatermarkScore:
+    """The verdict of a mark read as bits against chance (Uchida, DeepSigns): `acc` None - the
+    suspect lacks the marked layer, or has it at another width - reads as chance (0.5) with
+    `layer_found` 0; detected when the bit accuracy clears the key's null-model threshold; the
+    null figures, the exact binomial p against 0.5 and `metrics` beside it."""
+    found = acc is not None
+    acc = acc if found else 0.5
+    return WatermarkScore(
+        score=acc,
+        detected=found and acc >= key["threshold"],
+        threshold=key["threshold"],
+        metrics={
+            **null_figures(key),
+            "p_value": binomial_p(acc, n_bits, 0.5),
+            "layer_found": float(found),
+            **metrics,
+        },
+    )

@@ -77,7 +77,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from harness.alignment import ALIGN_METRICS, aligned_suspect
 from harness.data import known_classes
-from harness.decision import binomial_p, null_figures, null_model_metrics, null_threshold
+from harness.decision import bit_score, null_model_metrics, null_threshold
 from harness.errors import CellFailed, ConfigError
 from harness.methods.base import Embedded, Method, Metric, VictimRef, WatermarkScore, register
 from harness.registry import close_match
@@ -421,18 +421,5 @@ class DeepSigns(Method):
 
     def verify(self, model, key, ctx) -> WatermarkScore:
         model, aligned = aligned_suspect(model, ctx, self.params.align)
-        acc = bit_accuracy(model, key)
-        found = acc is not None
-        acc = acc if found else 0.5
-        return WatermarkScore(
-            score=acc,
-            detected=found and acc >= key["threshold"],
-            threshold=key["threshold"],
-            metrics={
-                **null_figures(key),
-                "p_value": binomial_p(acc, key["b"].numel(), 0.5),
-                "layer_found": float(found),
-                "centre_bit_acc": key["centre_bit_acc"],
-                **aligned,
-            },
-        )
+        return bit_score(bit_accuracy(model, key), key["b"].numel(), key,
+                         centre_bit_acc=key["centre_bit_acc"], **aligned)  # fmt: skip

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 
 from harness.alignment import ALIGN_METRICS, aligned_suspect
-from harness.decision import binomial_p, null_figures, null_model_metrics, null_threshold
+from harness.decision import bit_score, null_model_metrics, null_threshold
 from harness.errors import ConfigError
 from harness.methods.base import Embedded, Method, Metric, VictimRef, WatermarkScore, register
 from harness.training import fit
@@ -155,17 +155,4 @@ class Uchida(Method):
 
     def verify(self, model, key, ctx) -> WatermarkScore:
         model, aligned = aligned_suspect(model, ctx, self.params.align)
-        acc = bit_accuracy(model, key)
-        found = acc is not None
-        acc = acc if found else 0.5
-        return WatermarkScore(
-            score=acc,
-            detected=found and acc >= key["threshold"],
-            threshold=key["threshold"],
-            metrics={
-                **null_figures(key),
-                "p_value": binomial_p(acc, len(key["b"]), 0.5),
-                "layer_found": float(found),
-                **aligned,
-            },
-        )
+        return bit_score(bit_accuracy(model, key), len(key["b"]), key, **aligned)
