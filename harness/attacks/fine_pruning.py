@@ -41,6 +41,10 @@ Departures from WRT:
   with momentum), this uses the scenario's `train` optimiser and a cosine schedule
   (`harness.training.fit`).
 
+A model whose last stage cannot be masked exactly because of the marked model's own layers
+(a Steganographic Passport's PassportNorm is opaque to `harness.equivalence`) is pruned at the
+deepest conv stage that can be; the row's `stages_skipped` counts the stages passed over.
+
 Arches whose last stage is not a chain that can be masked exactly (ConvNeXt: LayerNorm on the
 stream; VGG: timm's ConvMlp head reads it; DenseNet: concatenations; ViT: tokens) are refused
 at validation (exit 2).
@@ -118,6 +122,18 @@ def network_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """The modules in order, without an input transform's parts (an earlier attack's
     autoencoder, `harness.attacks.base.install_transform`)."""
     return [(p, m) for p, m in model.named_modules() if not p.startswith(TRANSFORM_PREFIX)]
+
+
+def default_layers(model: nn.Module) -> list[str]:
+    """The conv stages' outputs, deepest first: timm's feature modules, else `default_layer`."""
+    for prefix, module in model.named_modules():
+        info = getattr(module, "feature_info", None)
+        if isinstance(info, list) and info and all(isinstance(f, dict) for f in info):
+            stages = [f["module"] for f in info if "module" in f]
+            if stages:
+                return [".".join(p for p in (prefix, m) if p) for m in reversed(stages)]
+    layer = default_layer(model)
+    return [layer] if layer is not None else []
 
 
 def default_layer(model: nn.Module) -> str | None:
@@ -198,11 +214,18 @@ def check_stage(arch: str, dataset, layer: str | None) -> None:
                           allowed=ALLOWED)  # fmt: skip
 
 
-def stage_or_fail(model: nn.Module, ctx, layer: str | None) -> Stage:
-    try:
-        return locate(model, probe(ctx), layer)
-    except StageError as e:
-        raise CellFailed(f"no prunable conv stage: {e}") from None
+def stage_or_fail(model: nn.Module, ctx, layer: str | None) -> tuple[Stage, int]:
+    """`layer`'s stage, or by default the deepest conv stage that can be masked exactly, and
+    how many deeper stages were passed over (a marked model's own layers - passport layers -
+    can make the last stage opaque to the rewrite); a CellFailed when there is none."""
+    candidates = [layer] if layer is not None else default_layers(model)
+    errors = []
+    for skipped, name in enumerate(candidates):
+        try:
+            return locate(model, probe(ctx), name), skipped
+        except StageError as e:
+            errors.append(str(e))
+    raise CellFailed(f"no prunable conv stage: {errors[0] if errors else 'no Conv2d'}")
 
 
 # ----------------------------------------------------------------------------- activations
@@ -320,6 +343,8 @@ class FinePruning(Attack):
         Metric("pruned_activation_share", "the masked channels' share of the stage's positive "
                "mean activation on clean attacker data (0: they were dead)",
                higher_is_better=None),
+        Metric("stages_skipped", "deeper conv stages passed over: they cannot be masked "
+               "exactly in this model (passport layers)", higher_is_better=None),
     )  # fmt: skip
 
     @classmethod
@@ -332,7 +357,7 @@ class FinePruning(Attack):
     def apply(self, model, ctx):
         p = self.params
         data = ctx.data.attacker
-        stage = stage_or_fail(model, ctx, p.layer)
+        stage, skipped = stage_or_fail(model, ctx, p.layer)
         means = layer_means(model, stage.layer, data.x, ctx.device)
         k = n_masked(p.ratio, stage.chain.channels)
         pruned = torch.argsort(means, stable=True)[:k]
@@ -347,5 +372,7 @@ class FinePruning(Attack):
                 fit(model, data.x, targets, ctx.train, ctx.device, ctx.seed, epochs=p.epochs,
                     lr=p.lr)  # fmt: skip
         return Attacked(
-            model, metrics={"channels_pruned": float(k), "pruned_activation_share": share}
+            model,
+            metrics={"channels_pruned": float(k), "pruned_activation_share": share,
+                     "stages_skipped": float(skipped)},  # fmt: skip
         )

@@ -285,7 +285,7 @@ class NeuralCleanse(Attack):
             x, y = torch.cat([data.x, x_t]), torch.cat([data.y, y_t])
             fit(model, x, y, ctx.train, ctx.device, ctx.seed, epochs=p.epochs, lr=p.lr)
         else:
-            stage = stage_or_fail(model, ctx, p.layer)
+            stage, _ = stage_or_fail(model, ctx, p.layer)
             rise = layer_means(model, stage.layer, stamp(data.x, found.used), ctx.device)
             rise -= layer_means(model, stage.layer, data.x, ctx.device)
             k = n_masked(p.prune_ratio, stage.chain.channels)

@@ -205,7 +205,9 @@ def test_fine_pruning_keeps_the_logits_of_a_network_whose_pruned_channels_were_d
     with torch.no_grad():
         logits = model.eval()(probe)
     result = create_attack("fine_pruning", {"ratio": 8 / 32, "epochs": 0}).apply(model, ctx)
-    assert result.metrics == {"channels_pruned": 8.0, "pruned_activation_share": 0.0}
+    assert result.metrics == {
+        "channels_pruned": 8.0, "pruned_activation_share": 0.0, "stages_skipped": 0.0
+    }
     with torch.no_grad():
         assert torch.allclose(model.eval()(probe), logits, atol=1e-6)
     assert (model.features[4].weight[dead] == 0).all()  # and they are masked in the weights
@@ -299,3 +301,24 @@ def test_an_arch_without_a_maskable_conv_stage_exits_2(tmp_path: Path, capsys, a
 @pytest.mark.parametrize("arch", ["lenet", "resnet10t"])
 def test_networks_with_a_conv_stage_validate(tmp_path: Path, arch):
     assert main(["validate", _scenario(tmp_path, {"name": "fine_pruning"}, arch)]) == 0
+
+
+def test_fine_pruning_passes_over_a_stage_of_passport_layers():
+    """A Steganographic Passport model's last stage holds PassportNorms, which the rewrite
+    cannot see through: the default stage is then the deepest one that can be masked."""
+    from types import SimpleNamespace
+
+    from harness.attacks.fine_pruning import stage_or_fail
+    from model_zoo import ModelSpec, create_model
+
+    spec = ModelSpec("resnet10t", 4, 1, 16, wrapper="passport")
+    model = create_model(spec).eval()
+    x = torch.randint(0, 256, (4, 1, 16, 16), dtype=torch.uint8)
+    ctx = SimpleNamespace(data=SimpleNamespace(attacker=SimpleNamespace(x=x)), device="cpu",
+                          spec=spec)  # fmt: skip
+    stage, skipped = stage_or_fail(model, ctx, None)
+    # layer4 holds the passport layers, and they read layer3's stream: layer2 is the deepest
+    assert (stage.layer, skipped) == ("layer2", 2)
+    plain = create_model(ModelSpec("resnet10t", 4, 1, 16)).eval()
+    stage, skipped = stage_or_fail(plain, ctx, None)
+    assert (stage.layer, skipped) == ("layer4", 0)
