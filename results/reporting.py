@@ -163,7 +163,7 @@ def build(
             say(f"scenario {name}", i - 1, len(names) + 1)
             rows, trials = by_scenario[name]
             runs = manifests.get(name, [])
-            reports.append(_scenario_report(store, name, rows, trials, runs, output))
+            reports.append(_scenario_report(store, name, rows, trials, runs, output, df))
         say("drawing the figures", len(names), len(names) + 1)
     finally:
         output.wait()
@@ -221,7 +221,7 @@ def _prepare(rows: pd.DataFrame) -> pd.DataFrame:
 
 def _scenario_report(
     store: str, name: str, rows: pd.DataFrame, trials: pd.DataFrame, runs: list[dict],
-    out: Output,
+    out: Output, everything: pd.DataFrame | None = None,
 ) -> ScenarioReport:
     sc = runs[-1]["scenario"] if runs else None
     rows = _prepare(rows)
@@ -244,7 +244,11 @@ def _scenario_report(
     parts.extend(_plugin_sections(plugins, sections, len(rows), out, slug))
     parts.extend(_cost(rows, runs, out, slug))
     if len(trials):
-        parts.append(_optuna(store, name, trials, out, slug))
+        part, study = _optuna(store, name, trials, out, slug)
+        parts.append(part)
+        if study is not None and (attacker := _tuned_attacker(study, trials, everything)):
+            attacker.csv = out.csv(attacker.table, f"{slug}.attacker")
+            parts.append(attacker)
     failed = rows[rows["status"] != "ok"]
     if len(failed):
         parts.append(_failures(failed, out, slug))
@@ -659,16 +663,17 @@ def _cost(rows: pd.DataFrame, runs: list[dict], out: Output, slug: str) -> list[
     return [part]
 
 
-def _optuna(store: str, name: str, trials: pd.DataFrame, out: Output, slug: str) -> Part:
+def _optuna(store: str, name: str, trials: pd.DataFrame, out: Output, slug: str):
+    """The study's part of the page, and the study (None where it cannot be read)."""
     part = Part(f"Tuning ({trials['scenario'].nunique()} trials in the store)")
     if "://" in store:
         part.text.append("The Optuna study of an object-store store lives in its RDB storage: "
                          "open it with Optuna's own dashboard.")  # fmt: skip
-        return part
+        return part, None
     journal = Path(store).expanduser() / "optuna" / "journal.log"
     if not journal.exists():
         part.text.append(f"No Optuna journal at {journal}.")
-        return part
+        return part, None
     import optuna  # lazy: only for a tuned scenario
     from optuna.storages import JournalStorage  # lazy
     from optuna.storages.journal import JournalFileBackend  # lazy
@@ -678,7 +683,7 @@ def _optuna(store: str, name: str, trials: pd.DataFrame, out: Output, slug: str)
             JournalFileBackend(str(journal))))  # fmt: skip
     except KeyError:
         part.text.append(f"No study named {name!r} in {journal}.")
-        return part
+        return part, None
     done = [t for t in study.trials if t.state.name == "COMPLETE"]
     rows = [{"trial": t.number, "state": t.state.name, "value": t.value, **t.params}
             for t in study.trials]  # fmt: skip
@@ -696,6 +701,70 @@ def _optuna(store: str, name: str, trials: pd.DataFrame, out: Output, slug: str)
         for key, fig in figures.optuna_figures(study).items():
             png = figures.save(fig.get_figure(), out.figures, f"{slug}.{key}")
             part.figures.append((png, key.replace("_", " ")))
+    return part, study
+
+
+def _attack_seconds(rows: pd.DataFrame) -> pd.Series:
+    """Seconds of a row's attack stages (a chain's earlier steps included; NaN if cached)."""
+    return rows["stage_seconds"].map(
+        lambda s: (s or {}).get("attack", math.nan) + (s or {}).get("attack_prior_steps", 0.0)
+    )
+
+
+def _tuned_attacker(study, trials: pd.DataFrame, everything: pd.DataFrame | None) -> Part | None:
+    """A study that tunes one attack against one scheme (`tune.per`): per arch, its best
+    trial within the constraints (feasible; the lowest watermark score, then the largest
+    removal) beside the strongest hand-set setting of any attack on the same scheme and arch
+    elsewhere in the store (a removal if one exists, else the lowest score within WRT's
+    budget). None for any other study."""
+    ok = trials[trials["status"] == "ok"]
+    if ok.empty or ok["method"].nunique() != 1 or ok["attack"].nunique() != 1:
+        return None
+    feasible = {
+        t.number for t in study.trials
+        if t.state.name == "COMPLETE" and all(v <= 0 for v in (t.constraints or {}).values())
+    }  # fmt: skip
+    ok = _prepare(ok).assign(trial=lambda d: d["metrics"].map(lambda m: m.get("trial")),
+                             seconds=_attack_seconds)  # fmt: skip
+    drop = ok["task_score_marked"] - ok["task_score_attacked"]
+    ok = ok.assign(drop=drop)
+    hand = None
+    if everything is not None:
+        hand = everything[(everything["status"] == "ok")
+                          & (everything["method"] == ok["method"].iloc[0])
+                          & ~everything["scenario"].str.contains(r"\.trial\d+$")]  # fmt: skip
+        hand = _prepare(hand) if len(hand) else None
+    rows = []
+    for arch, group in ok.groupby("arch"):
+        fit = group[group["trial"].isin(feasible)]
+        best = fit.sort_values(["removed", "wm_score_attacked"], ascending=[False, True]).head(1)
+        entry = {"arch": arch, "trials": int(group["trial"].nunique()),
+                 "feasible": int(fit["trial"].nunique()),
+                 "cpu_s_per_trial": float(group["seconds"].median())}  # fmt: skip
+        if len(best):
+            b = best.iloc[0]
+            entry.update(best_trial=int(b["trial"]), wm_score=b["wm_score_attacked"],
+                         threshold=b["wm_threshold"], removed=b["removed"], task_drop=b["drop"],
+                         params=b["attack_params"])  # fmt: skip
+        if hand is not None:
+            h = hand[hand["arch"] == arch]
+            h = h.assign(drop=h["task_score_marked"] - h["task_score_attacked"])
+            h = h[h["drop"] < 0.05]
+            h = h.sort_values(["removed", "wm_score_attacked"], ascending=[False, True]).head(1)
+            if len(h):
+                r = h.iloc[0]
+                entry.update(hand_attack=r["attack_label"], hand_wm_score=r["wm_score_attacked"],
+                             hand_removed=r["removed"], hand_task_drop=r["drop"])  # fmt: skip
+        rows.append(entry)
+    part = Part("Tuned attacker")
+    part.table = pd.DataFrame(rows)
+    part.text.append(
+        f"The tuned {ok['attack'].iloc[0]!r} against {ok['method'].iloc[0]!r}: per arch, the "
+        "best trial that meets the study's constraints (removal first, then the lowest "
+        "watermark score), its task drop and the attack's CPU / GPU seconds per trial, beside "
+        "the strongest hand-set attack on the same scheme elsewhere in this store within "
+        "WRT's 5-point budget (the min-max WRT approximates after the fact)."
+    )
     return part
 
 
