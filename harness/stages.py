@@ -228,8 +228,10 @@ def attack(
     else:
         model, spec = handle.model(), handle.spec
     inputs = _inputs(artifacts, names, deps, device)
-    # the deployment the attacker may query (`ctx.query`); the owner's side keeps its log
-    api = API(deployed(model, method, handle.secret() if method.serves else {}), device)
+    # the deployment the attacker may query (`ctx.query`): the owner's marked model, also for
+    # a later step of a chain (whose own model is the attacker's copy); the owner keeps its log
+    served = handle.model() if prev is not None else model
+    api = API(deployed(served, method, handle.secret() if method.serves else {}), device)
     ctx = context(cell, device, spec, inputs=inputs, marked=handle, api=api)
     seed_everything(cell.seed)
     out = plugin.apply(model, ctx)

@@ -106,3 +106,28 @@ def test_bad_stacks_exit_2_with_the_field_path(tmp_path, capsys, attacks, method
     assert main(["validate", _write(tmp_path, attacks, methods)]) == 2
     err = capsys.readouterr().err
     assert field in err and text in err, err
+
+
+def test_every_step_queries_the_owners_deployment(tmp_path, one_thread, monkeypatch):
+    """A later step's own model is the attacker's copy; the API it may query stays the
+    owner's marked model."""
+    from harness import stages
+
+    served = []
+
+    class Spy(stages.API):
+        def __init__(self, model, device):
+            served.append({k: v.detach().clone() for k, v in model.state_dict().items()})
+            super().__init__(model, device)
+
+    monkeypatch.setattr(stages, "API", Spy)
+    store = str(tmp_path)
+    cell = _cell("stack", {"attacks": [PRUNE, {"name": "retrain", "params": {"epochs": 1}}]})
+    row = run_cell(cell, store)
+    assert row["status"] == "ok", row.get("traceback")
+    assert row["metrics"]["api_queries"] > 0  # retrain asked the API
+    artifacts = ArtifactStore(store)
+    marked, _ = artifacts.load_model(artifacts.load_meta("embed", cell.embed_key()))
+    assert len(served) == 2  # prune's step, then retrain's
+    for state in served:
+        assert all(torch.equal(v, state[k]) for k, v in marked.state_dict().items())
