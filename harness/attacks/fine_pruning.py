@@ -66,6 +66,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from harness.attacks.base import TRANSFORM_PREFIX, Attack, Attacked, Metric, register
 from harness.attacks.permute import probe
+from harness.attacks.weight_shifting import attacker_targets
 from harness.equivalence import (
     ACT_MODULES,
     LINEARS,
@@ -363,9 +364,7 @@ class FinePruning(Attack):
         pruned = torch.argsort(means, stable=True)[:k]
         mass = means.clamp_min(0)
         share = float(mass[pruned].sum() / mass.sum()) if mass.sum() > 0 else 0.0
-        targets = data.y
-        if p.labels == "predicted":
-            targets = predict_logits(model, data.x, ctx.device).softmax(1)  # soft, as WRT
+        targets = attacker_targets(model, ctx, data.x, data.y, p.labels)  # soft, as WRT
         masks = mask_stage(model, ctx, stage, pruned)
         if p.epochs:
             with masks_held(model, masks):
