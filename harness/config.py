@@ -144,6 +144,48 @@ class SearchRange(Strict):
 
 CONSTRAINT = r"^\s*(>=|<=)\s*[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?\s*$"
 
+PATH_PART = re.compile(r"\[(\d+)\]|\.?([A-Za-z_][A-Za-z0-9_]*)")
+
+
+def param_path(key: str) -> tuple[str | int, ...]:
+    """A searched parameter's path inside a plug-in's params: `shift`, or into a nested list of
+    plug-ins (`stack`'s steps) `attacks[0].params.sparsity`."""
+    parts: list[str | int] = []
+    pos = 0
+    while pos < len(key):
+        m = PATH_PART.match(key, pos)
+        if m is None or m.end() == pos or (pos == 0 and m.group(0)[0] in ".["):
+            raise ValueError(f"not a parameter path: {key!r} (e.g. `shift`, "
+                             "`attacks[0].params.sparsity`)")  # fmt: skip
+        if m.group(2) and pos and not m.group(0).startswith("."):
+            raise ValueError(f"not a parameter path: {key!r} (a `.` goes before a name)")
+        parts.append(int(m.group(1)) if m.group(1) is not None else m.group(2))
+        pos = m.end()
+    return tuple(parts)
+
+
+def get_param(params: Any, parts: tuple[str | int, ...]) -> Any:
+    """The value at `parts` (KeyError / IndexError / TypeError where the path leaves params)."""
+    for part in parts:
+        if isinstance(part, int) != isinstance(params, list):
+            raise TypeError(f"{part!r} does not index a {type(params).__name__}")
+        params = params[part]
+    return params
+
+
+def with_param(params: dict[str, Any], parts: tuple[str | int, ...], value: Any) -> dict:
+    """A copy of `params` with `value` at `parts` (copied along the path, shared elsewhere).
+    A missing key is made (a nested plug-in's default made explicit, e.g. a step written
+    without `params`); a missing list index is an error."""
+    head, rest = parts[0], parts[1:]
+    if isinstance(params, list):
+        get_param(params, (head,))
+        inner = value if not rest else with_param(params[head], rest, value)
+        return [inner if i == head else v for i, v in enumerate(params)]
+    inner = value if not rest else with_param(params.get(head, {}), rest, value)
+    return {**params, head: inner}
+
+
 
 class TuneCfg(Strict):
     """`harness tune`: Optuna over the parameters of one method or one attack of the scenario.
@@ -153,7 +195,9 @@ class TuneCfg(Strict):
     (``{ssim_min: ">= 0.99"}``) and are met when every one holds."""
 
     method: str | None = None
-    attack: str | None = None
+    # one attack, or several: each trial then draws which attack (a categorical `attack`)
+    # and that attack's own space, whose keys read `<attack>.<param>`
+    attack: str | list[str] | None = None
     space: dict[str, SearchRange] = Field(min_length=1)
     objective: str | None = None
     direction: Literal["maximize", "minimize"] | None = None
@@ -162,12 +206,20 @@ class TuneCfg(Strict):
     seed: int = 0
     # one study per method and / or arch of the scenario (a tuned attacker: the strongest
     # attack against each scheme on each arch), instead of one over the whole grid
-    per: list[Literal["method", "arch"]] = []
+    # `attack` (with a list of attacks): one study per attack instead of the choice among them
+    per: list[Literal["method", "arch", "attack"]] = []
 
     @model_validator(mode="after")
     def _one_plugin(self) -> TuneCfg:
         if (self.method is None) == (self.attack is None):
             raise ValueError("name exactly one plug-in to tune: `method: NAME` or `attack: NAME`")
+        if isinstance(self.attack, list):
+            if not self.attack:
+                raise ValueError("`attack:` lists no attack to choose from")
+            if len(set(self.attack)) != len(self.attack):
+                raise ValueError(f"`attack:` names an attack twice: {self.attack}")
+        if "attack" in self.per and self.method is not None:
+            raise ValueError("`per: [attack]` splits a tuned attacker; this tunes a method")
         return self
 
     @property
@@ -175,8 +227,26 @@ class TuneCfg(Strict):
         return "method" if self.method is not None else "attack"
 
     @property
+    def candidates(self) -> list[str]:
+        """The plug-ins a trial may tune: one, or the attacks a trial chooses among."""
+        if self.method is not None:
+            return [self.method]
+        return list(self.attack) if isinstance(self.attack, list) else [self.attack]
+
+    @property
     def target(self) -> str:
-        return self.method if self.method is not None else self.attack
+        """The one tuned plug-in (a choice among attacks has none: see `candidates`)."""
+        if len(self.candidates) != 1:
+            raise ValueError(f"this study chooses among {self.candidates}")
+        return self.candidates[0]
+
+    def space_of(self, name: str) -> dict[str, SearchRange]:
+        """Candidate `name`'s searched parameters by path (prefix `<name>.` dropped when a
+        trial chooses among several attacks)."""
+        if len(self.candidates) == 1:
+            return dict(self.space)
+        prefix = f"{name}."
+        return {k.removeprefix(prefix): v for k, v in self.space.items() if k.startswith(prefix)}
 
     def bounds(self) -> dict[str, tuple[str, float]]:
         """Each constraint as (operator, bound)."""

@@ -18,10 +18,13 @@ from harness.cells import Cell, canonical
 from harness.config import (
     ComponentCfg,
     Scenario,
+    get_param,
     load_yaml_with_includes,
     param_names,
+    param_path,
     parse_scenario,
     resolve_component,
+    with_param,
 )
 from harness.errors import ConfigError
 from harness.methods import METHODS
@@ -261,37 +264,88 @@ def _one_of(value: str, allowed: list[str], what: str, field: str, file: str | N
 
 
 def check_tune(scenario: Scenario, file: str | None) -> None:
-    """The tuned plug-in is one of the scenario's, the space names its real parameters, and
-    the objective and constraints name figures it declares."""
+    """The tuned plug-in (or each attack a trial chooses among) is one of the scenario's, the
+    space names real parameters (a path into nested plug-ins' params for `stack`) at values
+    they accept, and the objective and constraints name figures every candidate declares."""
     tune = scenario.tune
-    kind, name = tune.kind, tune.target
+    kind, names = tune.kind, tune.candidates
     comps = scenario.methods if kind == "method" else scenario.attacks
-    _one_of(name, [c.name for c in comps], f"one of the scenario's {kind}s", f"tune.{kind}", file)
-    cls = REGISTRIES[kind].get(name)
-    fields = param_names(cls.Params)
-    for param in tune.space:
-        _one_of(param, fields, f"a parameter of {name}", f"tune.space.{param}", file)
-    base = next(c for c in comps if c.name == name)
-    base_params = resolve_component(base, REGISTRIES[kind], f"tune.{kind}", file)
-    for param, spec in tune.space.items():
-        ends = spec.choices if spec.choices is not None else [spec.low, spec.high]
-        for value in ends:
-            value = int(value) if spec.type == "int" and spec.choices is None else value
-            try:
-                cls.Params(**{**base_params[0], param: value})
-            except ValidationError as e:
+    present = [c.name for c in comps]
+    several = len(names) > 1
+    for i, name in enumerate(names):
+        field = f"tune.{kind}[{i}]" if several else f"tune.{kind}"
+        _one_of(name, present, f"one of the scenario's {kind}s", field, file)
+        if several and present.count(name) > 1:
+            raise ConfigError(
+                f"a trial choosing among attacks picks {name!r} by name: list it once in "
+                "`attacks` (tune each setting in a study of its own)",
+                file=file, field=field, value=name,
+            )  # fmt: skip
+    if several:
+        prefixes = [f"{n}." for n in names]
+        for key in tune.space:
+            if not key.startswith(tuple(prefixes)):
                 raise ConfigError(
-                    f"the search space reaches a value {name} refuses: "
-                    f"{e.errors()[0]['msg'].removeprefix('Value error, ')}",
-                    file=file,
-                    field=f"tune.space.{param}",
-                    value=value,
-                ) from None
-    allowed = tune_figures_allowed(cls)
-    objective = tune.objective or cls.default_objective()
-    _one_of(objective, allowed, f"a figure {name} declares", "tune.objective", file)
+                    "with several attacks to choose from, a searched parameter reads "
+                    "`<attack>.<parameter>`",
+                    file=file, field=f"tune.space.{key}", value=key,
+                    allowed=[f"{p}<parameter>" for p in prefixes],
+                )  # fmt: skip
+    allowed = None
+    objective = tune.objective or REGISTRIES[kind].get(names[0]).default_objective()
+    for name in names:
+        cls = REGISTRIES[kind].get(name)
+        base = next(c for c in comps if c.name == name)
+        base_params = resolve_component(base, REGISTRIES[kind], f"tune.{kind}", file)
+        prefix = f"{name}." if several else ""
+        for key, spec in tune.space_of(name).items():
+            _check_searched(cls, name, base_params[0], key, spec, f"tune.space.{prefix}{key}", file)
+        own = tune_figures_allowed(cls)
+        allowed = own if allowed is None else [f for f in allowed if f in own]
+        for params in base_params:
+            if (why := cls(params).check_tune(scenario, objective)) is not None:
+                raise ConfigError(why, file=file, field="tune.objective", value=objective)
+    what = f"a figure {names[0]} declares" if not several else "a figure every attack declares"
+    _one_of(objective, allowed, what, "tune.objective", file)
     for c in tune.constraints:
-        _one_of(c, allowed, f"a figure {name} declares", f"tune.constraints.{c}", file)
-    for params in base_params:
-        if (why := cls(params).check_tune(scenario, objective)) is not None:
-            raise ConfigError(why, file=file, field="tune.objective", value=objective)
+        _one_of(c, allowed, what, f"tune.constraints.{c}", file)
+
+
+def _check_searched(cls, name: str, base: dict, key: str, spec, field: str, file) -> None:
+    """One searched parameter: a path that exists in the plug-in's params (a nested plug-in's
+    parameter may be new: its default is searched) and ends the plug-in accepts."""
+    try:
+        parts = param_path(key)
+    except ValueError as e:
+        raise ConfigError(str(e), file=file, field=field, value=key) from None
+    _one_of(str(parts[0]), param_names(cls.Params), f"a parameter of {name}", field, file)
+    for depth in range(1, len(parts) - 1):
+        try:
+            get_param(base, parts[: depth + 1])
+        except (KeyError, IndexError, TypeError):
+            inner = get_param(base, parts[:depth])
+            keys = (
+                [f"[{i}]" for i in range(len(inner))] if isinstance(inner, list)
+                else sorted(inner) if isinstance(inner, dict) else []
+            )  # fmt: skip
+            raise ConfigError(
+                f"the path leaves {name}'s parameters at {parts[depth]!r}",
+                file=file, field=field, value=key, allowed=keys,
+            ) from None  # fmt: skip
+    ends = spec.choices if spec.choices is not None else [spec.low, spec.high]
+    for value in ends:
+        value = int(value) if spec.type == "int" and spec.choices is None else value
+        try:
+            cls.Params(**with_param(base, parts, value))
+        except (ValidationError, ConfigError) as e:
+            if isinstance(e, ValidationError):  # a nested plug-in's own ConfigError, if any
+                e = (e.errors()[0].get("ctx") or {}).get("error", e)
+            msg = (
+                f"{e.field + ': ' if e.field else ''}{e.message}" if isinstance(e, ConfigError)
+                else e.errors()[0]["msg"]
+            )  # fmt: skip
+            raise ConfigError(
+                f"the search space reaches a value {name} refuses: "
+                f"{msg.removeprefix('Value error, ')}",
+                file=file, field=field, value=value,
+            ) from None  # fmt: skip

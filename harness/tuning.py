@@ -26,7 +26,7 @@ from optuna.storages.journal import JournalFileBackend
 
 from harness.attacks import ATTACKS
 from harness.cells import Cell
-from harness.config import Scenario, SearchRange
+from harness.config import Scenario, SearchRange, get_param, param_path, with_param
 from harness.errors import ConfigError
 from harness.grid import MAX_CELLS, expand_cells
 from harness.methods import METHODS
@@ -81,8 +81,9 @@ def open_study(name: str, storage: str | None, store: str, scenario: Scenario) -
     for stale in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
         if not _driver_alive(stale.user_attrs.get("driver")):
             study.tell(stale.number, state=optuna.trial.TrialState.FAIL)
-    if not study.trials:
-        study.enqueue_trial(baseline(scenario))  # trial 0 measures the untuned parameters
+    if not study.trials:  # the first trials measure the untuned parameters
+        for params in baselines(scenario):
+            study.enqueue_trial(params)
     return study
 
 
@@ -107,13 +108,20 @@ def _driver_alive(driver: str | None) -> bool:
     return int(pid) != os.getpid()
 
 
-def plugin_class(scenario: Scenario):
+def plugin_class(scenario: Scenario, name: str | None = None):
+    """The tuned plug-in's class (candidate `name` of a study that chooses among attacks;
+    the first candidate by default)."""
     tune = scenario.tune
-    return (METHODS if tune.kind == "method" else ATTACKS).get(tune.target)
+    return (METHODS if tune.kind == "method" else ATTACKS).get(name or tune.candidates[0])
 
 
 def objective_name(scenario: Scenario) -> str:
     return scenario.tune.objective or plugin_class(scenario).default_objective()
+
+
+def choosing(scenario: Scenario) -> bool:
+    """Each trial draws which attack (the categorical parameter `attack`) before its space."""
+    return len(scenario.tune.candidates) > 1
 
 
 def direction(scenario: Scenario) -> str:
@@ -129,13 +137,51 @@ def _components(scenario: Scenario):
     return scenario.methods if scenario.tune.kind == "method" else scenario.attacks
 
 
-def baseline(scenario: Scenario) -> dict[str, object]:
-    """The scenario's own values (or the plug-in's defaults) of the searched parameters."""
-    tune = scenario.tune
-    base = next(c for c in _components(scenario) if c.name == tune.target)
-    defaults = plugin_class(scenario).Params().model_dump(mode="json")
-    values = {name: base.params.get(name, defaults[name]) for name in tune.space}
-    return {k: v for k, v in values.items() if tune.space[k].contains(v)}
+def _base(scenario: Scenario, name: str):
+    return next(c for c in _components(scenario) if c.name == name)
+
+
+def _raw_params(scenario: Scenario, name: str) -> dict[str, object]:
+    """The scenario's params of candidate `name`, with the plug-in's default for each searched
+    parameter it leaves out (a nested path is then set inside that default)."""
+    base = _base(scenario, name)
+    defaults = plugin_class(scenario, name).Params().model_dump(mode="json")
+    tops = {param_path(key)[0] for key in scenario.tune.space_of(name)}
+    return {**{t: defaults[t] for t in tops if t not in base.params}, **base.params}
+
+
+def _with_drawn(params: dict, space_values: dict[str, object]) -> dict:
+    for key, value in space_values.items():
+        params = with_param(params, param_path(key), value)
+    return params
+
+
+def _key(scenario: Scenario, name: str, path: str) -> str:
+    """A searched parameter's name in the study (`<attack>.<path>` when trials choose)."""
+    return f"{name}.{path}" if choosing(scenario) else path
+
+
+def baselines(scenario: Scenario) -> list[dict[str, object]]:
+    """The first trials: each candidate at the scenario's own values (or its defaults) of the
+    searched parameters."""
+    out = []
+    for name in scenario.tune.candidates:
+        space = scenario.tune.space_of(name)
+        cls = plugin_class(scenario, name)
+        resolved = cls.Params(**cls.grid(_raw_params(scenario, name))[0])
+        dumped = resolved.model_dump(mode="json")
+        values = {}
+        for path, spec in space.items():
+            try:
+                value = get_param(dumped, param_path(path))
+            except (KeyError, IndexError, TypeError):
+                continue  # a nested default the plug-in fills in later: drawn instead
+            if spec.contains(value):
+                values[_key(scenario, name, path)] = value
+        out.append({"attack": name, **values} if choosing(scenario) else values)
+    return out
+
+
 
 
 def suggest(trial: optuna.Trial, name: str, space: SearchRange):
@@ -147,21 +193,30 @@ def suggest(trial: optuna.Trial, name: str, space: SearchRange):
 
 
 def trial_scenario(scenario: Scenario, trial: optuna.Trial) -> tuple[Scenario, dict[str, object]]:
-    """The scenario with the tuned plug-in's parameters drawn for this trial."""
+    """The scenario with the tuned plug-in's parameters drawn for this trial (first which
+    attack, when the study chooses among several: the others leave the trial's grid)."""
     tune = scenario.tune
-    drawn = {name: suggest(trial, name, space) for name, space in tune.space.items()}
+    names = tune.candidates
+    name = trial.suggest_categorical("attack", names) if choosing(scenario) else names[0]
+    space = tune.space_of(name)
+    values = {path: suggest(trial, _key(scenario, name, path), r) for path, r in space.items()}
     comps = [
-        c.model_copy(update={"params": {**c.params, **drawn}}) if c.name == tune.target else c
+        c.model_copy(update={"params": _with_drawn(_raw_params(scenario, name), values)})
+        if c.name == name else c
         for c in _components(scenario)
-    ]
+        if c.name == name or c.name not in names
+    ]  # fmt: skip
     field = "methods" if tune.kind == "method" else "attacks"
+    drawn = {_key(scenario, name, path): v for path, v in values.items()}
+    if choosing(scenario):
+        drawn = {"attack": name, **drawn}
     return scenario.model_copy(update={field: comps}), drawn
 
 
 def studies(scenario: Scenario) -> list[Scenario]:
-    """The scenario as `tune.per` splits it: one per method component and / or arch, named
-    `<scenario>.<method>.<arch>` (its study, trial labels and best fragment follow the name);
-    the whole scenario when `per` is empty."""
+    """The scenario as `tune.per` splits it: one per method component, arch and / or attack
+    (of a list to choose from), named `<scenario>.<method>.<arch>.<attack>` (its study, trial
+    labels and best fragment follow the name); the whole scenario when `per` is empty."""
     per = scenario.tune.per
     if not per:
         return [scenario]
@@ -173,12 +228,29 @@ def studies(scenario: Scenario) -> list[Scenario]:
         else [(list(scenario.methods), [])]
     )
     archs = [([a], [a]) for a in scenario.archs] if "arch" in per else [(scenario.archs, [])]
-    return [
+    parts = [
         scenario.model_copy(update={
             "name": ".".join([scenario.name, *m_label, *a_label]), "methods": ms, "archs": arch,
         })  # fmt: skip
         for ms, m_label in methods
         for arch, a_label in archs
+    ]
+    return [one for part in parts for one in _per_attack(part)] if "attack" in per else parts
+
+
+def _per_attack(scenario: Scenario) -> list[Scenario]:
+    """One scenario per candidate attack, named after it, tuning it alone (its space's keys
+    without the `<attack>.` prefix), with the other candidates out of its grid."""
+    tune, names = scenario.tune, scenario.tune.candidates
+    if len(names) == 1:
+        return [scenario]
+    return [
+        scenario.model_copy(update={
+            "name": f"{scenario.name}.{name}",
+            "attacks": [a for a in scenario.attacks if a.name == name or a.name not in names],
+            "tune": tune.model_copy(update={"attack": name, "space": tune.space_of(name)}),
+        })  # fmt: skip
+        for name in names
     ]
 
 
@@ -193,9 +265,13 @@ def trial_cells(scenario: Scenario, number: int, max_cells: int = MAX_CELLS) -> 
     return [replace(c, scenario=label, trial=number) for c in cells]
 
 
-def evaluate(df, scenario: Scenario) -> dict[str, float]:
-    """The tuned plug-in's figures over one trial's rows (NaN where none)."""
-    return plugin_class(scenario).tune_figures(df)
+def evaluate(df, scenario: Scenario, name: str | None = None) -> dict[str, float]:
+    """The tuned plug-in's figures over one trial's rows (NaN where none); a tuned attack's
+    over its own rows only (the scenario's other attacks run in the trial all the same)."""
+    name = name or scenario.tune.candidates[0]
+    if scenario.tune.kind == "attack":
+        df = df[df["attack"] == name]
+    return plugin_class(scenario, name).tune_figures(df)
 
 
 def constraint_values(scenario: Scenario, figures: dict[str, float]) -> dict[str, float]:
@@ -212,7 +288,7 @@ def constraint_values(scenario: Scenario, figures: dict[str, float]) -> dict[str
 
 
 def finish(study: optuna.Study, trial: optuna.Trial, df, scenario: Scenario, drawn) -> TrialResult:
-    figures = evaluate(df, scenario)
+    figures = evaluate(df, scenario, drawn.get("attack") if choosing(scenario) else None)
     name = objective_name(scenario)
     value = figures.get(name, float("nan"))
     ok = value is not None and math.isfinite(value)
@@ -282,12 +358,15 @@ def write_best(study: optuna.Study, scenario: Scenario, path: Path) -> dict | No
     if best is None:
         return None
     tune = scenario.tune
-    base = next(c for c in _components(scenario) if c.name == tune.target)
-    params = plugin_class(scenario).Params(**{**base.params, **best.params})
+    name = best.params["attack"] if choosing(scenario) else tune.target
+    base = _base(scenario, name)
+    space = tune.space_of(name)
+    drawn = {path: best.params[_key(scenario, name, path)] for path in space}
+    params = plugin_class(scenario, name).Params(**_with_drawn(_raw_params(scenario, name), drawn))
     values = params.model_dump(mode="json", exclude_defaults=True)
     dumped = params.model_dump(mode="json")
-    values.update({name: dumped[name] for name in tune.space})  # tuned: always shown
-    entry = {"name": tune.target, "params": values}
+    values.update({t: dumped[t] for t in {param_path(p)[0] for p in space}})  # tuned: shown
+    entry = {"name": name, "params": values}
     if tune.kind == "attack" and base.role is not None:
         entry["role"] = base.role
     fragment = {"methods" if tune.kind == "method" else "attacks": [entry]}

@@ -712,13 +712,14 @@ def _attack_seconds(rows: pd.DataFrame) -> pd.Series:
 
 
 def _tuned_attacker(study, trials: pd.DataFrame, everything: pd.DataFrame | None) -> Part | None:
-    """A study that tunes one attack against one scheme (`tune.per`): per arch, its best
-    trial within the constraints (feasible; the lowest watermark score, then the largest
-    removal) beside the strongest hand-set setting of any attack on the same scheme and arch
-    elsewhere in the store (a removal if one exists, else the lowest score within WRT's
-    budget). None for any other study."""
+    """A study that tunes one attack (or a choice among attacks) against one scheme
+    (`tune.per`): per arch, its best trial within the constraints (feasible; the lowest
+    watermark score, then the largest removal) and the attack it ran, beside the strongest
+    hand-set setting of any attack on the same scheme and arch elsewhere in the store (a
+    removal if one exists, else the lowest score within WRT's budget). None for any other
+    study."""
     ok = trials[trials["status"] == "ok"]
-    if ok.empty or ok["method"].nunique() != 1 or ok["attack"].nunique() != 1:
+    if ok.empty or ok["method"].nunique() != 1:
         return None
     feasible = {
         t.number for t in study.trials
@@ -743,7 +744,8 @@ def _tuned_attacker(study, trials: pd.DataFrame, everything: pd.DataFrame | None
                  "cpu_s_per_trial": float(group["seconds"].median())}  # fmt: skip
         if len(best):
             b = best.iloc[0]
-            entry.update(best_trial=int(b["trial"]), wm_score=b["wm_score_attacked"],
+            entry.update(best_trial=int(b["trial"]), attack=b["attack"],
+                         wm_score=b["wm_score_attacked"],
                          threshold=b["wm_threshold"], removed=b["removed"], task_drop=b["drop"],
                          params=b["attack_params"])  # fmt: skip
         if hand is not None:
@@ -758,8 +760,11 @@ def _tuned_attacker(study, trials: pd.DataFrame, everything: pd.DataFrame | None
         rows.append(entry)
     part = Part("Tuned attacker")
     part.table = pd.DataFrame(rows)
+    attacks = sorted(ok["attack"].unique())
+    tuned = (f"{attacks[0]!r}" if len(attacks) == 1 else
+             f"attacker (each trial chose among {', '.join(attacks)})")  # fmt: skip
     part.text.append(
-        f"The tuned {ok['attack'].iloc[0]!r} against {ok['method'].iloc[0]!r}: per arch, the "
+        f"The tuned {tuned} against {ok['method'].iloc[0]!r}: per arch, the "
         "best trial that meets the study's constraints (removal first, then the lowest "
         "watermark score), its task drop and the attack's CPU / GPU seconds per trial, beside "
         "the strongest hand-set attack on the same scheme elsewhere in this store within "

@@ -3,6 +3,7 @@ resumes and finishes its trial count."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -243,3 +244,56 @@ def test_a_tuned_attacker_runs_one_study_per_scheme_and_arch(ray_session, tmp_pa
     assert {k: list(v) for k, v in by_study.items()} == {
         "attacker.trigger_set.lenet": ["trigger_set"], "attacker.uchida.lenet": ["uchida"]
     }
+
+
+def test_a_tuned_attacker_chooses_its_attack_and_tunes_a_stacks_steps(ray_session, tmp_path):
+    """`tune.attack` as a list: each trial draws the attack, then its space - here a path
+    into `stack`'s steps; the first trials run each attack as the scenario sets it, each
+    trial's figures come from its own attack's rows, and the best fragment names the chosen
+    attack with its tuned parameters."""
+    scenario = parse_scenario(
+        tiny_scenario_dict(
+            name="chooser",
+            methods=[{"name": "trigger_set", "params": {"n_keys": 20, "n_null": 2}}],
+            attacks=[
+                {"name": "prune", "params": {"sparsity": 0.2}},
+                {"name": "stack", "params": {"attacks": [
+                    {"name": "prune", "params": {"sparsity": 0.5}},
+                    {"name": "fine_tune", "params": {"epochs": 1}}]}},
+            ],  # fmt: skip
+            tune={
+                "attack": ["prune", "stack"],
+                "space": {
+                    "prune.sparsity": {"low": 0.1, "high": 0.9},
+                    "stack.attacks[0].params.sparsity": {"low": 0.1, "high": 0.9},
+                },
+                "objective": "wm_score",
+                "direction": "minimize",
+                "constraints": {"task_drop": "<= 0.5"},
+                "sampler": "random",
+            },
+        )
+    )
+    store = str(tmp_path / "store")
+    study = tuning.tune(
+        scenario,
+        store,
+        lambda cells: scheduler.run_cells(cells, store, resources=scenario.resources),
+        trials=3,
+        parallel=1,
+    )
+    trials = study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
+    assert trials[0].params == {"attack": "prune", "prune.sparsity": 0.2}
+    assert trials[1].params == {"attack": "stack", "stack.attacks[0].params.sparsity": 0.5}
+    df = load(store)
+    trial_of = df["metrics"].map(lambda m: int(m["trial"]))
+    for t in trials:  # one cell per trial: the chosen attack's, scored from its own row
+        (row,) = df[trial_of == t.number].itertuples()
+        assert row.attack == t.params["attack"] and t.value == row.wm_score_attacked
+    (stacked,) = df[trial_of == 1].itertuples()
+    steps = json.loads(stacked.attack_params)["attacks"]
+    assert [s["name"] for s in steps] == ["prune", "fine_tune"]
+    assert steps[0]["params"]["sparsity"] == 0.5 and steps[1]["params"]["epochs"] == 1
+    fragment = tuning.write_best(study, scenario, tmp_path / "best.yaml")
+    best = tuning.best_feasible(study)
+    assert fragment["attacks"][0]["name"] == best.params["attack"]

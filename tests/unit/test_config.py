@@ -548,6 +548,116 @@ def test_bad_tune_sections_exit_2_with_the_field(tmp_path, tune, field):
     assert str(path) in str(err.value)
 
 
+CHOICE_BASE = {
+    **TUNE_BASE,
+    "attacks": [
+        {"name": "prune", "params": {"sparsity": 0.3}},
+        {"name": "stack", "params": {"attacks": [{"name": "prune", "params": {"sparsity": 0.6}},
+                                                 {"name": "fine_tune"}]}},
+    ],
+}
+CHOICE = {"attack": ["prune", "stack"], "objective": "wm_score", "direction": "minimize"}
+
+
+@pytest.mark.parametrize(
+    ("space", "field", "allowed"),
+    [
+        # with a choice of attacks, every key names its attack
+        ({"sparsity": {"low": 0.1, "high": 0.9}}, "tune.space.sparsity", "prune.<parameter>"),
+        ({"prune.sparsty": {"low": 0.1, "high": 0.9}}, "tune.space.prune.sparsty", "sparsity"),
+        # a path into the stack's steps: an index it lacks, a key a step lacks
+        ({"stack.attacks[2].params.sparsity": {"low": 0.1, "high": 0.9}},
+         "tune.space.stack.attacks[2].params.sparsity", "[1]"),
+        ({"stack.attacks[0].parms.sparsity": {"low": 0.1, "high": 0.9}},
+         "tune.space.stack.attacks[0].parms.sparsity", "params"),
+        # a step's parameter it lacks, or a value the step refuses
+        ({"stack.attacks[0].params.sparsty": {"low": 0.1, "high": 0.9}},
+         "tune.space.stack.attacks[0].params.sparsty", None),
+        ({"stack.attacks[0].params.sparsity": {"low": 0.1, "high": 1.5}},
+         "tune.space.stack.attacks[0].params.sparsity", None),
+        ({"stack.attacks[x]": {"low": 0.1, "high": 0.9}}, "tune.space.stack.attacks[x]", None),
+    ],
+)
+def test_a_choice_of_attacks_and_nested_paths_are_checked(tmp_path, space, field, allowed):
+    path = tmp_path / "t.yaml"
+    path.write_text(yaml.safe_dump({**CHOICE_BASE, "tune": {**CHOICE, "space": space}}))
+    with pytest.raises(ConfigError) as err:
+        load_scenario(path)
+    assert err.value.exit_code == 2 and err.value.field == field, str(err.value)
+    if allowed is not None:
+        assert allowed in err.value.allowed, str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("over", "field"),
+    [
+        ({"attack": ["prune", "jpeg"]}, "tune.attack[1]"),  # not one of the scenario's
+        ({"attack": []}, "tune"),
+        ({"attack": ["prune", "prune"]}, "tune"),
+        ({"attack": None, "method": "trigger_set", "per": ["attack"],
+          "space": {"n_keys": {"low": 5, "high": 9, "type": "int"}}}, "tune"),
+    ],
+)
+def test_bad_attack_choices_exit_2(tmp_path, over, field):
+    tune = {k: v for k, v in {**CHOICE, "space": {"prune.sparsity": {"low": 0.1, "high": 0.9}},
+                              **over}.items() if v is not None}  # fmt: skip
+    path = tmp_path / "t.yaml"
+    path.write_text(yaml.safe_dump({**CHOICE_BASE, "tune": tune}))
+    with pytest.raises(ConfigError) as err:
+        load_scenario(path)
+    assert err.value.exit_code == 2 and err.value.field == field, str(err.value)
+
+
+def test_a_trial_chooses_an_attack_and_sets_a_stacked_steps_parameter(tmp_path):
+    """Each trial draws the attack, then that attack's space (a path into `stack`'s steps);
+    the first trials measure each candidate as the scenario sets it; `per: [attack]` makes
+    one study per attack instead."""
+    import optuna
+
+    from harness import tuning
+
+    space = {"prune.sparsity": {"low": 0.1, "high": 0.9},
+             "stack.attacks[0].params.sparsity": {"low": 0.1, "high": 0.9},
+             "stack.attacks[1].params.epochs": {"low": 1, "high": 4, "type": "int"}}
+    path = tmp_path / "t.yaml"
+    path.write_text(yaml.safe_dump({**CHOICE_BASE, "tune": {**CHOICE, "space": space}}))
+    scenario = load_scenario(path)
+    assert tuning.baselines(scenario) == [
+        {"attack": "prune", "prune.sparsity": 0.3},
+        # fine_tune's default epochs (2) is the step's untuned value
+        {"attack": "stack", "stack.attacks[0].params.sparsity": 0.6,
+         "stack.attacks[1].params.epochs": 2},
+    ]
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    for params in tuning.baselines(scenario):
+        study.enqueue_trial(params)
+    seen = set()
+    for _ in range(8):
+        trial = study.ask()
+        trial_sc, drawn = tuning.trial_scenario(scenario, trial)
+        (attack,) = trial_sc.attacks  # the other candidate leaves the trial's grid
+        assert attack.name == drawn["attack"]
+        seen.add(attack.name)
+        if attack.name == "stack":
+            first, second = attack.params["attacks"]
+            assert first["params"]["sparsity"] == drawn["stack.attacks[0].params.sparsity"]
+            assert second == {"name": "fine_tune",
+                              "params": {"epochs": drawn["stack.attacks[1].params.epochs"]}}
+        else:
+            assert attack.params == {"sparsity": drawn["prune.sparsity"]}
+        study.tell(trial, 0.5)
+    assert seen == {"prune", "stack"}
+    best = tuning.write_best(study, scenario, tmp_path / "best.yaml")
+    assert best["attacks"][0]["name"] in {"prune", "stack"}
+
+    per_attack = scenario.tune.model_copy(update={"per": ["attack"]})
+    split = scenario.model_copy(update={"tune": per_attack})
+    parts = tuning.studies(split)
+    assert [p.name for p in parts] == [f"{scenario.name}.prune", f"{scenario.name}.stack"]
+    assert [[a.name for a in p.attacks] for p in parts] == [["prune"], ["stack"]]
+    assert list(parts[1].tune.space) == ["attacks[0].params.sparsity", "attacks[1].params.epochs"]
+
+
 def test_a_tune_section_may_name_any_plugin_and_declared_figure(tmp_path):
     tune = {
         "attack": "prune",

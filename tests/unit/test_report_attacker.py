@@ -57,3 +57,19 @@ def test_other_studies_get_no_attacker_part():
     rows = [_trial_row(0, 0.5, 0.0), _trial_row(1, 0.5, 0.0)]
     rows[1]["method"] = "uchida"  # a study over two schemes is not one attacker's
     assert _tuned_attacker(study, pd.DataFrame(rows), None) is None
+
+
+def test_a_study_choosing_among_attacks_names_the_one_its_best_trial_chose():
+    study = optuna.create_study(direction="minimize")
+    figures = [("prune", 0.9, 0.0), ("weight_shifting", 0.1, 0.01), ("prune", 0.4, 0.0)]
+    rows = []
+    for number, (attack, score, drop) in enumerate(figures):
+        trial = study.ask()
+        trial.set_constraint("task_drop", drop - 0.05)
+        study.tell(trial, score)
+        row = _trial_row(number, score, drop)
+        rows.append({**row, "attack": attack})
+    part = _tuned_attacker(study, pd.DataFrame(rows), None)
+    row = part.table.iloc[0]
+    assert (row["best_trial"], row["attack"], row["wm_score"]) == (1, "weight_shifting", 0.1)
+    assert "chose among prune, weight_shifting" in part.text[0]
