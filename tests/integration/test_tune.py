@@ -40,6 +40,16 @@ TUNE = tiny_scenario_dict(
 )
 
 
+def _tune_local(scenario, store: str, **kw) -> optuna.Study:
+    """`tuning.tune` with the trials' cells run on the session's local Ray."""
+    return tuning.tune(
+        scenario,
+        store,
+        lambda cells: scheduler.run_cells(cells, store, resources=scenario.resources),
+        **kw,
+    )
+
+
 def test_three_trials_run_as_cells_and_write_an_includable_best(ray_session, tmp_path):
     scenario = parse_scenario(TUNE)
     store = str(tmp_path / "store")
@@ -189,13 +199,7 @@ def test_a_method_added_as_one_file_is_tunable(ray_session, tmp_path):
         )
     )
     store = str(tmp_path / "store")
-    study = tuning.tune(
-        scenario,
-        store,
-        lambda cells: scheduler.run_cells(cells, store, resources=scenario.resources),
-        trials=2,
-        parallel=2,
-    )
+    study = _tune_local(scenario, store, trials=2, parallel=2)
     trials = study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
     assert len(trials) == 2 and trials[0].params == {"lambda": 0.1}  # trial 0: the default
     assert all(0.0 <= t.value <= 1.0 for t in trials)  # bit accuracies
@@ -275,13 +279,7 @@ def test_a_tuned_attacker_chooses_its_attack_and_tunes_a_stacks_steps(ray_sessio
         )
     )
     store = str(tmp_path / "store")
-    study = tuning.tune(
-        scenario,
-        store,
-        lambda cells: scheduler.run_cells(cells, store, resources=scenario.resources),
-        trials=3,
-        parallel=1,
-    )
+    study = _tune_local(scenario, store, trials=3, parallel=1)
     trials = study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
     assert trials[0].params == {"attack": "prune", "prune.sparsity": 0.2}
     assert trials[1].params == {"attack": "stack", "stack.attacks[0].params.sparsity": 0.5}
