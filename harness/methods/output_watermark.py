@@ -11,9 +11,29 @@ unmarked images. Two-stage training:
    L_ext = l4 MSE(R(B'), delta) + l5 [MSE(R(A), delta0) + MSE(R(B), delta0)]
            + l6 consistency (MSE between extractions of different watermarked outputs);
    every MSE x `mse_scale` (the public code's 10,000); Adam 2e-4, beta1 0.5.
-2. adversarial (`adversarial: true`): the owner trains a surrogate on (A, B') - and, as a
-   negative, one on the unmarked (A, B) - then fine-tunes R alone on their outputs (-> delta,
-   -> delta0) beside B', A and B, Adam 1e-4.
+2. adversarial (`adversarial: true`): the owner simulates the attacker on its own data - a
+   surrogate per entry of `sim_arch` trained on (A, B') and, as negatives (`sim_clean`), one
+   of the same architecture on the unmarked (A, B) - then fine-tunes R alone on all their
+   outputs (-> delta, resp. -> delta0) beside B' (-> delta), A and B (-> delta0), Adam 1e-4.
+
+Simulated surrogates. `sim_arch` is one image2image name or a list of them; `sim_loss` is one
+loss for every entry or a list of the same length, paired with `sim_arch` entry by entry
+(`sim_arch: [unet, unet], sim_loss: [l1, l2]` simulates one U-Net per loss). Each surrogate
+is its own cached aux step (`aux/output_watermark/sim_<arch>_<loss>`, and
+`sim_clean_<arch>_<loss>` for its unmarked twin), keyed by what it depends on only - the
+stage-1 model (resp. the victim), its arch and loss, `sim_epochs`, `lr`, `batch_size` - so a
+{U-Net, ResNet-9} setting reuses the U-Net surrogates of a {U-Net} setting. A list is one
+value, not a grid axis; a list of lists sweeps (`sim_arch: [[unet], [unet, resnet9]]`).
+
+Departures from the paper (METHODS.md: stage 2 trains one surrogate, then fine-tunes R on its
+outputs -> delta and on clean images -> delta0):
+- several simulated surrogates at once (a list): at laptop scale one simulated U-Net teaches R
+  nothing that transfers to ResNet surrogates, and one simulated ResNet-9 costs the U-Net ones;
+- the negatives also hold a surrogate of unmarked outputs per simulated pair (`sim_clean`,
+  the control the paper reports false positives on);
+- each negative sample weighs `neg_weight` against 1 per positive sample (1: the paper's
+  l4 = l5 = 1); with more simulated surrogates R sees more surrogate-like positives, and a
+  larger weight keeps it from firing on unmarked surrogates' outputs.
 
 Verification queries the suspect with the test inputs, rounds its outputs to 8 bits (as a
 service returns them) and scores the share of outputs whose extraction has NC > 0.95.
@@ -28,7 +48,7 @@ from typing import Literal
 import numpy as np
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from harness.errors import ConfigError
 from harness.image_metrics import centred_nc, nc, psnr, ssim, success_rate
@@ -48,6 +68,7 @@ from harness.methods.base import (
     Embedded,
     Method,
     Metric,
+    VictimRef,
     WatermarkScore,
     register,
 )
@@ -69,8 +90,12 @@ NC_THRESHOLD = 0.95
 # Parameters of the adversarial stage and of verification: stage 1 does not depend on them.
 STAGE2_PARAMS = {
     "adversarial", "sim_arch", "sim_loss", "sim_epochs", "r_epochs", "r_lr", "sim_clean",
-    "detect_rate",
+    "neg_weight", "detect_rate",
 }  # fmt: skip
+# What a simulated surrogate's aux step is keyed by besides its step name (arch, loss) and
+# its upstream (the stage-1 model, or the victim for the unmarked twin).
+SIM_KEY = ("sim_epochs", "lr", "batch_size")
+SimLoss = Literal["l1", "l2"]
 
 
 class OutputWatermarkParams(BaseModel):
@@ -96,23 +121,85 @@ class OutputWatermarkParams(BaseModel):
     lr: float = Field(2e-4, gt=0)
     batch_size: int = Field(16, ge=1)
     adversarial: bool = Field(True, description="run the second (adversarial) stage")
-    sim_arch: str = Field("unet", description="the owner's simulated surrogate (image2image name)")
-    sim_loss: Literal["l1", "l2"] = "l2"
+    sim_arch: str | list[str] = Field(
+        "unet",
+        description="the owner's simulated surrogate(s) (image2image names); a list trains one "
+        "per entry (not a grid axis: a list of lists sweeps)",
+    )
+    sim_loss: SimLoss | list[SimLoss] = Field(
+        "l2", description="one loss for every simulated surrogate, or one per sim_arch entry"
+    )
     sim_epochs: int = Field(20, ge=1)
     r_epochs: int = Field(10, ge=1, description="extractor fine-tuning epochs (stage 2)")
     r_lr: float = Field(1e-4, gt=0)
     sim_clean: bool = Field(
         True, description="stage 2 also shows R a surrogate of unmarked outputs (-> delta0)"
     )
+    neg_weight: float = Field(
+        1.0, ge=0, description="stage 2: weight of each negative sample (A, B, unmarked "
+        "surrogates' outputs -> delta0) against 1 per positive; 1 = the paper's l4 = l5",
+    )  # fmt: skip
     detect_rate: float = Field(
         0.5, gt=0, lt=1, description="detected iff the success rate reaches this"
     )
 
     @field_validator("sim_arch")
     @classmethod
-    def _known_arch(cls, v: str) -> str:
-        check_image2image(v)
+    def _known_arch(cls, v: str | list[str]) -> str | list[str]:
+        for i, name in enumerate(as_list(v)):
+            try:
+                check_image2image(name)
+            except ConfigError as e:
+                where = f"sim_arch[{i}] " if isinstance(v, list) else ""
+                raise type(e)(
+                    f"{where}{e.message}", value=e.value, allowed=e.allowed, hint=e.hint
+                ) from None
         return v
+
+    @model_validator(mode="after")
+    def _pairs(self) -> OutputWatermarkParams:
+        archs, losses = as_list(self.sim_arch), as_list(self.sim_loss)
+        if not archs:
+            raise ConfigError(
+                "an empty list simulates no surrogate", field="sim_arch", value=[],
+                allowed="an image2image name or a non-empty list of them",
+            )  # fmt: skip
+        if not losses or len(losses) not in (1, len(archs)):
+            raise ConfigError(
+                f"sim_loss pairs with sim_arch entry by entry: {len(archs)} archs, "
+                f"{len(losses)} losses",
+                field="sim_loss",
+                value=self.sim_loss,
+                allowed=f"one loss (l1 or l2) or a list of {len(archs)}",
+            )
+        seen: set[tuple[str, str]] = set()
+        for i, pair in enumerate(sim_pairs(self)):
+            if pair in seen:
+                raise ConfigError(
+                    f"{pair[0]} with {pair[1]} is simulated twice",
+                    field=f"sim_arch[{i}]",
+                    value=pair[0],
+                    allowed="distinct (sim_arch, sim_loss) pairs",
+                )
+            seen.add(pair)
+        return self
+
+
+def as_list(value: str | list[str]) -> list[str]:
+    return list(value) if isinstance(value, list) else [value]
+
+
+def sim_pairs(p: OutputWatermarkParams) -> list[tuple[str, str]]:
+    """(arch, loss) of each simulated surrogate: sim_loss pairs with sim_arch entry by entry,
+    or one loss goes with every arch."""
+    archs, losses = as_list(p.sim_arch), as_list(p.sim_loss)
+    return list(zip(archs, losses * len(archs) if len(losses) == 1 else losses, strict=True))
+
+
+def sim_step(arch: str, loss: str, clean: bool) -> str:
+    """The aux step (and artifact folder) of a simulated surrogate; ':' of timm names is kept
+    out of the path."""
+    return f"sim{'_clean' if clean else ''}_{arch.replace(':', '-')}_{loss}"
 
 
 def _threshold_dark(grey: np.ndarray, size: int) -> torch.Tensor:
@@ -163,6 +250,7 @@ def dark_area(delta: torch.Tensor) -> float:
 @register("output_watermark")
 class OutputWatermark(Method):
     Params = OutputWatermarkParams
+    version = "2"  # stage 2: simulated surrogates as aux steps, a list of them, neg_weight
     wm_metric = "success_rate"
     tasks = ("image2image",)
     metrics = (
@@ -261,17 +349,30 @@ class OutputWatermark(Method):
             )
         self.watermark(size, dataset.channels)
         if p.adversarial:
-            try:
-                check_image_size(p.sim_arch, size, dataset.channels)
-            except ConfigError as e:
-                raise e.with_location(None, "sim_arch") from None
+            for i, arch in enumerate(as_list(p.sim_arch)):
+                try:
+                    check_image_size(arch, size, dataset.channels)
+                except ConfigError as e:
+                    field = f"sim_arch[{i}]" if isinstance(p.sim_arch, list) else "sim_arch"
+                    raise e.with_location(None, field) from None
 
     # ------------------------------------------------------------------ stages
 
     def aux_steps(self) -> list[AuxStep]:
         """Stage 1 depends on the victim and the stage-1 params only: the with / without
-        adversarial-stage rows of a grid share it."""
-        return [AuxStep("initial", self.initial, params="all", exclude=STAGE2_PARAMS)]
+        adversarial-stage rows of a grid share it. Stage 2's simulated surrogates: one step
+        per (arch, loss) on the stage-1 model's outputs, and its twin on the victim's (the
+        unmarked outputs), each shared by every setting that simulates that pair."""
+        steps = [AuxStep("initial", self.initial, params="all", exclude=STAGE2_PARAMS)]
+        if not self.params.adversarial:
+            return steps
+        for arch, loss in sim_pairs(self.params):
+            run = functools.partial(self.simulate, arch, loss, clean=False)
+            steps.append(AuxStep(sim_step(arch, loss, False), run, ("initial",), SIM_KEY))
+            if self.params.sim_clean:
+                run = functools.partial(self.simulate, arch, loss, clean=True)
+                steps.append(AuxStep(sim_step(arch, loss, True), run, (VictimRef(),), SIM_KEY))
+        return steps
 
     def initial(self, ctx) -> AuxOutput:
         p, data = self.params, ctx.data
@@ -288,13 +389,32 @@ class OutputWatermark(Method):
         secret = {"extractor": extractor.state_dict(), "delta": delta, "r_width": p.r_width}
         return AuxOutput(model=marked, spec=spec, secret=secret, meta={"train": stats})
 
+    def simulate(self, arch: str, loss: str, ctx, clean: bool) -> AuxOutput:
+        """The owner's simulated attacker: a surrogate `arch` trained with `loss` on the owner's
+        inputs and the stage-1 model's outputs B' (`clean`: the victim's own outputs B)."""
+        p, dev, owner = self.params, ctx.device, ctx.data.owner
+        source = ctx.inputs["victim" if clean else "initial"]
+        targets = quantised_outputs(source.model(), owner.x, dev)
+        channels = owner.x.shape[1]
+        sim = create_image2image(arch, channels, channels).to(dev)
+        stats = train_image_model(
+            sim, owner.x, targets, loss=loss, epochs=p.sim_epochs, lr=p.lr,
+            batch_size=p.batch_size, device=dev, seed=ctx.seed + 1, amp=ctx.train.amp,
+        )  # fmt: skip
+        spec = source.spec.replace(arch=arch, wrapper=None, wrapper_params=None)
+        meta = {"train": stats, "outputs": "unmarked" if clean else "marked", "loss": loss}
+        return AuxOutput(model=sim.eval(), spec=spec, meta=meta)
+
     def embed(self, victim, ctx) -> Embedded:
         initial = ctx.inputs["initial"]
         marked, spec = initial.model(), initial.spec
         secret = initial.secret()
         if self.params.adversarial:
             extractor = self._extractor(secret, ctx.device)
-            self._adversarial(marked, extractor, ctx)
+            pairs, p = sim_pairs(self.params), self.params
+            sims = [ctx.inputs[sim_step(a, lo, False)].model() for a, lo in pairs]
+            clean = [ctx.inputs[sim_step(a, lo, True)].model() for a, lo in pairs if p.sim_clean]
+            self._adversarial(marked, extractor, sims, clean, ctx)
             secret = {**secret, "extractor": extractor.state_dict()}
         return Embedded(marked, secret, spec)
 
@@ -349,24 +469,15 @@ class OutputWatermark(Method):
         marked.eval()
         return stats
 
-    def _adversarial(self, marked: Barrier, extractor: Extractor, ctx) -> None:
-        """Simulate the attacker on the owner's data; fine-tune R alone on what it learns."""
+    def _adversarial(
+        self, marked: Barrier, extractor: Extractor, sims: list, clean_sims: list, ctx
+    ) -> None:
+        """Fine-tune R alone: B' and the simulated surrogates' outputs -> delta (weight 1 per
+        sample); A, B and the unmarked surrogates' outputs -> delta0 (`neg_weight` each)."""
         p, dev, owner = self.params, ctx.device, ctx.data.owner
-        channels = owner.x.shape[1]
-        marked_b = quantised_outputs(marked, owner.x, dev)
-        clean_b = quantised_outputs(marked.base, owner.x, dev)
-        train = functools.partial(
-            train_image_model, loss=p.sim_loss, epochs=p.sim_epochs, lr=p.lr,
-            batch_size=p.batch_size, device=dev, seed=ctx.seed + 1, amp=ctx.train.amp,
-        )  # fmt: skip
-        sim = create_image2image(p.sim_arch, channels, channels).to(dev)
-        train(sim, owner.x, marked_b)
-        positives = [marked_b, quantised_outputs(sim, owner.x, dev)]
-        negatives = [owner.x, clean_b]
-        if p.sim_clean:
-            sim_clean = create_image2image(p.sim_arch, channels, channels).to(dev)
-            train(sim_clean, owner.x, clean_b)
-            negatives.append(quantised_outputs(sim_clean, owner.x, dev))
+        positives = [quantised_outputs(m, owner.x, dev) for m in (marked, *sims)]
+        negatives = [owner.x] + [quantised_outputs(m, owner.x, dev)
+                                 for m in (marked.base, *clean_sims)]  # fmt: skip
         x = torch.cat(positives + negatives)
         is_marked = torch.cat([torch.ones(len(t)) for t in positives]
                               + [torch.zeros(len(t)) for t in negatives])  # fmt: skip
@@ -374,11 +485,14 @@ class OutputWatermark(Method):
         opt = adam(extractor.parameters(), p.r_lr)
 
         def batch(idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            pos = is_marked[idx].to(dev).view(-1, 1, 1, 1)
-            return as_float(x[idx], dev), pos * delta + (1 - pos) * delta0
+            return as_float(x[idx], dev), is_marked[idx].to(dev).view(-1, 1, 1, 1)
 
         def loss_fn(b: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-            return p.mse_scale * F.mse_loss(extractor(b[0]).float(), b[1])
+            xb, pos = b
+            target = pos * delta + (1 - pos) * delta0
+            per_sample = (extractor(xb).float() - target).pow(2).flatten(1).mean(1)
+            weight = pos.flatten() + (1 - pos.flatten()) * p.neg_weight
+            return p.mse_scale * (weight * per_sample).mean()
 
         train_loop(
             loss_fn, opt, n=len(x), batch_size=p.batch_size, epochs=p.r_epochs,
