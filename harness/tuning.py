@@ -182,8 +182,6 @@ def baselines(scenario: Scenario) -> list[dict[str, object]]:
     return out
 
 
-
-
 def suggest(trial: optuna.Trial, name: str, space: SearchRange):
     if space.choices is not None:
         return trial.suggest_categorical(name, space.choices)
